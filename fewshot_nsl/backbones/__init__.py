@@ -1,0 +1,55 @@
+"""Feature extractors. A backbone never knows which learner trains it."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fewshot_nsl.backbones.conv4 import Conv4
+from fewshot_nsl.backbones.resnet12 import ResNet12
+from fewshot_nsl.backbones.similarity import Similarity
+from fewshot_nsl.errors import UserError
+
+BACKBONES = ("conv4", "nsl-conv4", "resnet12", "nsl-resnet12")
+
+
+def resolve_similarity(backbone: str, similarity: str | None, form: str = "diagonal", hidden: int = 64) -> Similarity:
+    """``nsl-*`` backbones default to static NSL; plain ones refuse an NSL similarity."""
+    if backbone not in BACKBONES:
+        raise UserError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
+    if backbone.startswith("nsl-"):
+        kind = similarity or "static"
+        if kind == "conv":
+            raise UserError(f"--similarity conv makes {backbone} a plain network; use --backbone {backbone[4:]}")
+        return Similarity(kind, form, hidden)
+    if similarity not in (None, "conv"):
+        raise UserError(f"--similarity {similarity} needs an NSL backbone; use --backbone nsl-{backbone}")
+    return Similarity()
+
+
+def build_backbone(
+    name: str,
+    image_shape: tuple[int, int, int],
+    similarity: Similarity | None = None,
+    width: int = 64,
+    plain_stem: bool = False,
+    drop_rate: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> nn.Module:
+    """Build a backbone by name; ``similarity`` defaults as in ``resolve_similarity``.
+
+    ``width`` is the Conv-4 filter count (ResNet-12 widths are fixed).
+    """
+    similarity = similarity or resolve_similarity(name, None)
+    if name.startswith("nsl-") == (similarity.kind == "conv"):
+        raise UserError(f"backbone {name} does not match similarity {similarity.label}")
+    if name.endswith("conv4"):
+        return Conv4(image_shape, width=width, similarity=similarity, plain_stem=plain_stem)
+    return ResNet12(image_shape, similarity=similarity, drop_rate=drop_rate, generator=generator)
+
+
+def parameter_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+__all__ = ["BACKBONES", "Conv4", "ResNet12", "Similarity", "build_backbone", "parameter_count", "resolve_similarity"]

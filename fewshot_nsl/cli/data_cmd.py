@@ -1,0 +1,32 @@
+"""``fewshot-nsl data prepare``: download/convert a dataset into the data root."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fewshot_nsl.data.omniglot_prepare import prepare_miniimagenet, prepare_omniglot
+from fewshot_nsl.data.roots import data_root
+from fewshot_nsl.errors import UserError
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("data", help="prepare datasets", description=__doc__)
+    parser.add_argument("action", choices=("prepare",), help="prepare: download (Omniglot) or import (Mini-ImageNet)")
+    parser.add_argument("dataset", choices=("omniglot", "miniimagenet"), help="which dataset")
+    parser.add_argument("--data-root", help="target folder (default $FEWSHOT_NSL_DATA or ~/.cache/fewshot-nsl/data)")
+    parser.add_argument("--source", type=Path, help="Mini-ImageNet: your copy (split folders or images/ + CSVs)")
+    parser.add_argument("--splits-from", type=Path, help="Omniglot: folder with the Vinyals split .txt files (when offline)")
+    parser.add_argument("--no-download", action="store_true", help="Omniglot: only convert files already present")
+    parser.set_defaults(handler=handle)
+
+
+def handle(args: argparse.Namespace) -> None:
+    root = data_root(args.data_root)
+    if args.dataset == "omniglot":
+        folder = prepare_omniglot(root, download=not args.no_download, splits_from=args.splits_from)
+    else:
+        if args.source is None:
+            raise UserError("Mini-ImageNet cannot be downloaded by script; pass --source DIR with your copy")
+        folder = prepare_miniimagenet(args.source, root)
+    print(f"{args.dataset} ready in {folder}")

@@ -1,0 +1,33 @@
+"""``fewshot-nsl leaderboard``: all evaluations, ranked per task, as a table, CSV or plot."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fewshot_nsl.errors import UserError
+from fewshot_nsl.results import leaderboard
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("leaderboard", help="print the ranked leaderboard", description=__doc__)
+    parser.add_argument("--csv", type=Path, default=Path("leaderboard.csv"), help="leaderboard CSV (default leaderboard.csv)")
+    parser.add_argument("--format", choices=("markdown", "csv"), default="markdown", help="output format (default markdown)")
+    parser.add_argument("--dataset", help="only this dataset")
+    parser.add_argument("--ways", type=int, help="only this many ways")
+    parser.add_argument("--shots", type=int, help="only this many shots")
+    parser.add_argument("--plot", type=Path, help="also draw accuracies with CI error bars to this PNG")
+    parser.set_defaults(handler=handle)
+
+
+def handle(args: argparse.Namespace) -> None:
+    if not args.csv.exists():
+        raise UserError(f"no leaderboard at {args.csv}; evaluate a run first (`fewshot-nsl eval --run-dir ...`) or pass --csv")
+    table = leaderboard.ranked(leaderboard.read(args.csv), args.dataset, args.ways, args.shots)
+    if table.empty:
+        print("no rows match the filters")
+        return
+    print(leaderboard.render(table, args.format))
+    if args.plot:
+        leaderboard.plot(table, args.plot)
+        print(f"plot written to {args.plot}")

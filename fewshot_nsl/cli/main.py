@@ -1,0 +1,52 @@
+"""The ``fewshot-nsl`` command: train, eval, leaderboard, data, episodes, info.
+
+Every subcommand lives in its own module and registers its own parser; a
+``UserError`` anywhere becomes a one-line message and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fewshot_nsl import __version__
+from fewshot_nsl.cli import data_cmd, episodes_cmd, eval_cmd, info_cmd, leaderboard_cmd, train_cmd
+from fewshot_nsl.errors import UserError
+from fewshot_nsl.runtime import reexec_with_fast_malloc
+
+COMMANDS = (train_cmd, eval_cmd, leaderboard_cmd, data_cmd, episodes_cmd, info_cmd)
+HEAVY = {"train", "eval", "episodes"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fewshot-nsl",
+        description="Few-shot learning with Neural Similarity Learning: train, evaluate on fixed episodes, compare.",
+    )
+    parser.add_argument("--version", action="version", version=f"fewshot-nsl {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in COMMANDS:
+        module.register(commands)
+    return parser
+
+
+def run(argv: list[str]) -> int:
+    """Parse and run one command; returns the exit status (used by tests in-process)."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except UserError as error:
+        print(f"fewshot-nsl: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fewshot-nsl: interrupted; checkpoints and leaderboard rows already written are kept", file=sys.stderr)
+        return 130
+    return 0
+
+
+def main() -> None:
+    """Console entry point: re-exec once with the fast malloc settings for heavy commands."""
+    argv = sys.argv[1:]
+    if argv and argv[0] in HEAVY:
+        reexec_with_fast_malloc(argv)
+    sys.exit(run(argv))

@@ -1,0 +1,84 @@
+"""``fewshot-nsl train``: flags mirror ``RunConfig``; a YAML config gives the base, flags override it."""
+
+from __future__ import annotations
+
+import argparse
+
+from fewshot_nsl.backbones import BACKBONES
+from fewshot_nsl.backbones.similarity import FORMS, KINDS
+from fewshot_nsl.config import METHODS, RunConfig, load_config
+from fewshot_nsl.engine.trainer import train
+
+
+def _flag(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
+
+
+# (flag, type or action, help); the config key is the flag with dashes as underscores.
+OPTIONS: list[tuple[str, object, str]] = [
+    ("--method", METHODS, "learner: protonet or maml"),
+    ("--backbone", BACKBONES, "feature extractor; nsl-* use neural similarity layers"),
+    ("--similarity", KINDS[1:], "NSL kind for nsl-* backbones (default static)"),
+    ("--nsl-form", FORMS, "NSL tap mixing: diagonal (k² weights) or full (k²×k² matrix)"),
+    ("--nsl-hidden", int, "width of the dynamic NSL meta-network (default 64)"),
+    ("--width", int, "Conv-4 filters (default 64; 32 for MAML on Mini-ImageNet)"),
+    ("--plain-stem", "store_true", "keep the first convolution plain in nsl-* backbones"),
+    ("--drop-rate", float, "ResNet-12 DropBlock rate (default 0)"),
+    ("--distance", ("euclidean", "cosine"), "ProtoNet distance (default euclidean)"),
+    ("--dataset", str, "omniglot, miniimagenet, or a path to an image folder <dir>/<split>/<class>/<img>"),
+    ("--protocol", str, "omniglot: vinyals (default) or lake; miniimagenet: ravi"),
+    ("--image-size", int, "resize images to this side (default: dataset's, 28 Omniglot, 84 Mini-ImageNet)"),
+    ("--data-root", str, "folder holding omniglot/ and miniimagenet/ (default $FEWSHOT_NSL_DATA or ~/.cache/fewshot-nsl/data)"),
+    ("--ways", int, "classes per training episode"),
+    ("--shots", int, "support images per class in training"),
+    ("--queries", int, "query images per class in training"),
+    ("--episodes", int, "training iterations (each draws --meta-batch episodes)"),
+    ("--meta-batch", int, "episodes per optimiser step (default 1; MAML 32 Omniglot, 4 Mini-ImageNet)"),
+    ("--lr", float, "Adam learning rate (default 1e-3)"),
+    ("--lr-step", int, "multiply the learning rate by --lr-gamma every this many iterations (default 2000)"),
+    ("--lr-gamma", float, "learning-rate decay factor (default 0.5)"),
+    ("--weight-decay", float, "Adam weight decay (default 0)"),
+    ("--inner-steps", int, "MAML adaptation steps in training (default 1 Omniglot, 5 Mini-ImageNet)"),
+    ("--eval-inner-steps", int, "MAML adaptation steps at evaluation (default 3 Omniglot, 10 Mini-ImageNet)"),
+    ("--inner-lr", float, "MAML inner learning rate (default 0.4 Omniglot, 0.01 Mini-ImageNet)"),
+    ("--first-order", "store_true", "first-order MAML (no second derivatives)"),
+    ("--meta-sgd", "store_true", "learn a per-parameter inner learning rate (Meta-SGD)"),
+    ("--anil", "store_true", "adapt only the head in the inner loop (ANIL)"),
+    ("--head", ("zero", "learned"), "MAML head: zero-initialised per episode (default) or meta-learned"),
+    ("--val-every", int, "validate every this many iterations (default 500)"),
+    ("--val-episodes", int, "validation episodes (default 200)"),
+    ("--val-ways", int, "validation ways (default: the dataset's evaluation ways)"),
+    ("--val-shots", int, "validation shots (default: training shots)"),
+    ("--seed", int, "seed of every generator of the run (default 0)"),
+    ("--device", str, "auto, cpu or cuda (default auto)"),
+    ("--channels-last", _flag, "channels_last memory format: true/false (default true, false for MAML)"),
+    ("--run-dir", str, "where config, checkpoints and metrics.csv go (default runs/<method>-<backbone>-...)"),
+]
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("train", help="train a learner episodically", description=__doc__)
+    parser.add_argument("--config", help="YAML config file; command-line flags override its values")
+    for flag, kind, help_text in OPTIONS:
+        if kind == "store_true":
+            parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
+        elif isinstance(kind, tuple):
+            parser.add_argument(flag, choices=kind, default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text)
+    parser.add_argument("--overwrite", action="store_true", help="train over an existing run directory")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(handler=handle)
+
+
+def handle(args: argparse.Namespace) -> None:
+    config = load_config(args.config) if args.config else RunConfig()
+    keys = set(RunConfig.field_names())
+    overrides = {k: v for k, v in vars(args).items() if k in keys}
+    result = train(config.updated(overrides), overwrite=args.overwrite, progress=not args.no_progress)
+    best = "n/a" if result.best_val_acc is None else f"{100 * result.best_val_acc:.2f}%"
+    print(f"trained {result.iterations} iterations in {result.seconds:.0f} s; best validation accuracy {best}; run in {result.run_dir}")

@@ -1,0 +1,123 @@
+"""Evaluation over fixed episodes: accuracy per episode, mean and 95% CI, leaderboard row."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import fewshot_nsl
+from fewshot_nsl.backbones import parameter_count, resolve_similarity
+from fewshot_nsl.data.dataset import ImageClassSet
+from fewshot_nsl.data.registry import dataset_spec, load_split
+from fewshot_nsl.engine.checkpoint import load_run
+from fewshot_nsl.episodes.episode import materialise
+from fewshot_nsl.episodes.manifest import Manifest, ManifestSpec, draw, manifest_path
+from fewshot_nsl.episodes.sampler import check_task_fits
+from fewshot_nsl.learners import FewShotLearner, build_learner
+from fewshot_nsl.nsl import fold_static_nsl
+from fewshot_nsl.results import leaderboard
+from fewshot_nsl.results.stats import Summary, confidence_interval
+from fewshot_nsl.runtime import memory_format, resolve_device
+
+
+def evaluate_learner(
+    learner: FewShotLearner,
+    dataset: ImageClassSet,
+    manifest: Manifest,
+    device: torch.device,
+    layout: torch.memory_format = torch.contiguous_format,
+    progress: bool = True,
+) -> tuple[Summary, list[float]]:
+    """Accuracy on every episode of ``manifest`` through the two-phase interface."""
+    manifest.check_dataset(dataset)
+    was_training = learner.training
+    learner.eval()
+    accuracies = []
+    with torch.no_grad():
+        for index in tqdm(range(len(manifest)), disable=not progress, desc="eval", unit="ep", dynamic_ncols=True):
+            episode = materialise(dataset, manifest.episode(index)).to(device, layout)
+            logits = learner.fit(episode.support_images, episode.support_labels, episode.ways)(episode.query_images)
+            accuracies.append(float((logits.argmax(-1) == episode.query_labels).float().mean()))
+    learner.train(was_training)
+    return confidence_interval(accuracies), accuracies
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    run_dir: Path
+    ways: int | None = None
+    shots: int | None = None
+    queries: int | None = None
+    episodes: int | None = None
+    leaderboard: Path = Path("leaderboard.csv")
+    data_root: str | None = None
+    device: str = "auto"
+    checkpoint: str = "best"
+    manifest: Path | None = None
+    progress: bool = True
+
+
+def select_manifest(request: EvalRequest, dataset: str, protocol: str, test_set: ImageClassSet, train_shots: int) -> Manifest:
+    """An explicit manifest, else the standard one for this task, else episodes drawn now with seed 0."""
+    if request.manifest is not None:
+        return Manifest.load(request.manifest)
+    spec = dataset_spec(dataset)
+    wanted = ManifestSpec(
+        Path(dataset).name, protocol, "test", request.ways or spec.eval_ways, request.shots or train_shots,
+        request.queries or spec.eval_queries, request.episodes or spec.eval_episodes,
+    )  # fmt: skip
+    check_task_fits(test_set, wanted.ways, wanted.shots, wanted.queries)
+    path = manifest_path(wanted)
+    return Manifest.load(path) if path.exists() else draw(wanted, test_set)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(fewshot_nsl.__file__).parent,
+            capture_output=True, text=True, timeout=5,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def evaluate_run(request: EvalRequest) -> tuple[Summary, dict]:
+    """Evaluate a trained run on fixed test episodes and append the result to the leaderboard."""
+    config, state, train_summary = load_run(request.run_dir, request.checkpoint)
+    device = resolve_device(request.device)
+    layout = memory_format(bool(config.channels_last))
+    test_set = load_split(config.dataset, "test", config.protocol, request.data_root or config.data_root, config.image_size)
+    manifest = select_manifest(request, config.dataset, config.protocol, test_set, config.shots)
+    learner = build_learner(config, test_set.image_shape)
+    learner.load_state_dict(state)
+    parameters = parameter_count(learner)
+    learner = fold_static_nsl(learner).to(device, memory_format=layout)
+    summary, accuracies = evaluate_learner(learner, test_set, manifest, device, layout, request.progress)
+
+    per_episode = request.run_dir / "eval" / f"{manifest.spec.name}.csv"
+    per_episode.parent.mkdir(exist_ok=True)
+    with open(per_episode, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["episode", "acc"])
+        writer.writerows(enumerate(accuracies))
+    similarity = resolve_similarity(config.backbone, config.similarity, config.nsl_form, config.nsl_hidden)
+    row = {
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "method": config.method, "backbone": config.backbone, "similarity": similarity.label,
+        "dataset": config.dataset, "protocol": config.protocol, "ways": manifest.spec.ways,
+        "shots": manifest.spec.shots, "queries": manifest.spec.queries, "episodes": len(manifest),
+        "acc": round(summary.mean, 6), "ci95": round(summary.ci95, 6), "manifest": manifest.spec.name,
+        "manifest_hash": manifest.content_hash(), "parameters": parameters,
+        "train_episodes": train_summary.get("iterations"), "train_seconds": train_summary.get("train_seconds"),
+        "seed": config.seed, "version": fewshot_nsl.__version__, "git_commit": git_commit(),
+        "run_dir": str(request.run_dir),
+    }  # fmt: skip
+    leaderboard.append(request.leaderboard, row)
+    return summary, row

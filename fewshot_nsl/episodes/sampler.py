@@ -1,0 +1,63 @@
+"""Seeded N-way K-shot Q-query episode sampling from any ``ImageClassSet``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from fewshot_nsl.data.dataset import ImageClassSet
+from fewshot_nsl.episodes.episode import Episode, EpisodeIndices, materialise
+from fewshot_nsl.errors import UserError
+
+
+def check_task_fits(dataset: ImageClassSet, ways: int, shots: int, queries: int) -> None:
+    """Refuse a task shape the split cannot supply, before any sampling."""
+    for name, value, low in (("ways", ways, 2), ("shots", shots, 1), ("queries", queries, 1)):
+        if not isinstance(value, int) or value < low:
+            raise UserError(f"--{name} must be an integer >= {low}, got {value!r}")
+    if ways > dataset.num_classes:
+        raise UserError(
+            f"{ways}-way episodes need {ways} classes but {dataset.name} has {dataset.num_classes}; lower --ways"
+        )
+    sizes = dataset.class_sizes()
+    eligible = int((sizes >= shots + queries).sum())
+    if eligible < ways:
+        raise UserError(
+            f"{shots} shots + {queries} queries need {shots + queries} images per class, but only {eligible} "
+            f"classes of {dataset.name} have that many (smallest class: {int(sizes.min())}); lower --shots/--queries"
+        )
+
+
+class EpisodeSampler:
+    """Draws episodes with a named, seeded ``torch.Generator``.
+
+    Classes are chosen uniformly among those with at least ``shots+queries``
+    images; within a class, support and query images are drawn without
+    replacement, so they never share an image. The order of ``classes`` is
+    random, which is the random remapping of dataset labels to ``0..N-1``.
+    """
+
+    def __init__(self, dataset: ImageClassSet, ways: int, shots: int, queries: int, generator: torch.Generator):
+        check_task_fits(dataset, ways, shots, queries)
+        self.dataset = dataset
+        self.ways, self.shots, self.queries = ways, shots, queries
+        self.generator = generator
+        self._sizes = dataset.class_sizes()
+        self._eligible = torch.nonzero(self._sizes >= shots + queries).flatten()
+
+    def sample_indices(self) -> EpisodeIndices:
+        pick = torch.randperm(self._eligible.numel(), generator=self.generator)[: self.ways]
+        classes = self._eligible[pick]
+        per_class = self.shots + self.queries
+        positions = torch.stack(
+            [torch.randperm(int(self._sizes[c]), generator=self.generator)[:per_class] for c in classes]
+        )
+        return EpisodeIndices(classes=classes, support=positions[:, : self.shots], query=positions[:, self.shots :])
+
+    def sample(self) -> Episode:
+        return materialise(self.dataset, self.sample_indices())
+
+    def __iter__(self) -> Iterator[Episode]:
+        while True:
+            yield self.sample()

@@ -1,0 +1,9 @@
+"""One exception type for mistakes a user can fix.
+
+The CLI prints a ``UserError`` as a single line (no traceback) and exits with
+status 2; everything else is a bug and keeps its traceback.
+"""
+
+
+class UserError(ValueError):
+    """Bad input the user can correct; the message says what to do."""

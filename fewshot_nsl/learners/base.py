@@ -1,0 +1,62 @@
+"""The two-phase learner interface every method implements.
+
+A learner is given a support set (``fit``), then scores queries
+(``forward``). Trainer and evaluator use nothing else, so any method that
+implements these plugs in. Learners see tensors only: never a dataset name.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from fewshot_nsl.episodes.episode import Episode
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """Mean query loss (differentiable) and mean query accuracy over tasks."""
+
+    loss: torch.Tensor
+    accuracy: float
+
+
+class FewShotLearner(nn.Module, abc.ABC):
+    """Base class: ``fit(support)`` then ``forward(query) -> logits``."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    @abc.abstractmethod
+    def fit(self, support_images: torch.Tensor, support_labels: torch.Tensor, ways: int) -> "FewShotLearner":
+        """Absorb a support set (labels ``0..ways-1``); returns ``self``."""
+
+    @abc.abstractmethod
+    def forward(self, query_images: torch.Tensor) -> torch.Tensor:
+        """Logits (Q, ways) for queries, given the last ``fit``."""
+
+    def episode_logits(self, episode: Episode) -> torch.Tensor:
+        """Query logits of one episode in training; learners may fuse the two phases."""
+        return self.fit(episode.support_images, episode.support_labels, episode.ways)(episode.query_images)
+
+    def batch_loss(self, episodes: Sequence[Episode]) -> BatchResult:
+        """Mean cross-entropy over a meta-batch of episodes.
+
+        The default scores episode by episode; learners with a faster joint
+        form (e.g. vectorised MAML) override it.
+        """
+        logits = [self.episode_logits(episode) for episode in episodes]
+        return summarise(logits, [episode.query_labels for episode in episodes])
+
+
+def summarise(logits: Sequence[torch.Tensor], labels: Sequence[torch.Tensor]) -> BatchResult:
+    """Mean loss over episodes and accuracy over all their queries."""
+    loss = torch.stack([F.cross_entropy(lg, lb) for lg, lb in zip(logits, labels)]).mean()
+    correct = sum(int((lg.argmax(-1) == lb).sum()) for lg, lb in zip(logits, labels))
+    return BatchResult(loss, correct / sum(lb.numel() for lb in labels))

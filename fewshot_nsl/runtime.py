@@ -1,0 +1,59 @@
+"""Device choice, seeded construction and the fast CPU settings.
+
+On CPU, glibc's malloc returns large buffers to the OS after every episode
+and pays page faults to get them back; telling it to keep them (two glibc
+tunables, read only at process start) more than halves the time of a
+Conv-4 episode on these machines. The CLI therefore re-executes itself once
+with ``GLIBC_TUNABLES`` set, unless ``FEWSHOT_NSL_NO_REEXEC`` is set or the
+variable is already there. ``benchmarks/throughput.py`` measures the effect.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+
+import torch
+
+from fewshot_nsl.errors import UserError
+
+FAST_MALLOC = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=8589934592"
+NO_REEXEC_ENV = "FEWSHOT_NSL_NO_REEXEC"
+
+
+def reexec_with_fast_malloc(argv: list[str]) -> None:
+    """Replace this process by the same command with ``GLIBC_TUNABLES`` set (Linux/glibc only)."""
+    if not sys.platform.startswith("linux") or os.environ.get(NO_REEXEC_ENV) or "GLIBC_TUNABLES" in os.environ:
+        return
+    env = dict(os.environ, GLIBC_TUNABLES=FAST_MALLOC, **{NO_REEXEC_ENV: "1"})
+    os.execve(sys.executable, [sys.executable, "-m", "fewshot_nsl", *argv], env)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without one is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise UserError(f"--device must be auto, cpu or cuda, got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA device is available; use --device cpu or auto")
+    return torch.device(name)
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run a block (model construction) with the default generator seeded by ``seed``.
+
+    PyTorch's layer constructors draw their initial weights from the default
+    generator; forking it keeps initialisation reproducible from ``seed``
+    without leaving the global state changed afterwards.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def memory_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format

@@ -1,0 +1,71 @@
+"""Real training on Omniglot and the CLI round trip train → eval → leaderboard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from fewshot_nsl.cli.main import run
+from fewshot_nsl.data.roots import DATA_ENV
+
+pytestmark = pytest.mark.real_data
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, real_omniglot_root: Path, real_cache_dir: Path) -> Path:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(DATA_ENV, str(real_omniglot_root))
+    monkeypatch.setenv("FEWSHOT_NSL_CACHE", str(real_cache_dir))
+    return tmp_path
+
+
+def test_short_training_learns_and_cli_round_trip(workdir: Path, capsys: pytest.CaptureFixture[str]):
+    config = workdir / "short.yaml"
+    config.write_text("method: protonet\nbackbone: conv4\nways: 20\nshots: 5\nqueries: 5\nval_episodes: 50\n")
+    status = run(["train", "--config", str(config), "--episodes", "120", "--val-every", "60", "--seed", "3",
+                  "--run-dir", "runs/p1", "--no-progress"])  # fmt: skip
+    assert status == 0
+    run_dir = workdir / "runs" / "p1"
+    assert {"best.pt", "last.pt", "config.yaml", "metrics.csv", "train_summary.json"} <= {p.name for p in run_dir.iterdir()}
+    saved = (run_dir / "config.yaml").read_text()
+    assert "seed: 3" in saved and "episodes: 120" in saved and "ways: 20" in saved  # flags override the YAML
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert set(metrics["split"]) == {"train", "val"}
+
+    # 5-way 1-shot over 200 fixed test episodes: chance is 20%; 120 iterations of training reach > 85%.
+    assert run(["eval", "--run-dir", "runs/p1", "--ways", "5", "--shots", "1", "--episodes", "200", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "5-way 1-shot: acc" in out and "(95% CI, 200 episodes)" in out
+    board = pd.read_csv(workdir / "leaderboard.csv")
+    assert len(board) == 1
+    row = board.iloc[0]
+    assert row["acc"] > 0.85, f"short training reached only {row['acc']:.3f}"
+    assert (row["method"], row["backbone"], row["similarity"], row["ways"], row["shots"], row["episodes"]) == (
+        "protonet", "conv4", "conv", 5, 1, 200)  # fmt: skip
+    assert row["train_episodes"] == 120 and row["parameters"] > 100_000 and len(str(row["manifest_hash"])) == 16
+    per_episode = pd.read_csv(run_dir / "eval" / f"{row['manifest']}.csv")
+    assert len(per_episode) == 200 and per_episode["acc"].mean() == pytest.approx(row["acc"], abs=1e-6)
+
+    # the standard manifest is used by default: the protocol's ways/queries/episodes
+    assert run(["eval", "--run-dir", "runs/p1", "--shots", "5", "--no-progress", "--leaderboard", "board2.csv"]) == 0
+    second = pd.read_csv(workdir / "board2.csv").iloc[0]
+    assert second["manifest"] == "omniglot-vinyals-test-5w5s15q-1000e-v1" and second["episodes"] == 1000
+    assert run(["leaderboard", "--csv", "board2.csv", "--format", "csv"]) == 0
+    assert "omniglot,vinyals,5,5,protonet,conv4" in capsys.readouterr().out
+
+
+def test_bad_input_gives_one_line_errors(workdir: Path, capsys: pytest.CaptureFixture[str]):
+    cases = [
+        (["train", "--ways", "5000", "--run-dir", "r"], "lower --ways"),
+        (["train", "--backbone", "conv4", "--similarity", "dynamic"], "needs an NSL backbone"),
+        (["train", "--config", "missing.yaml"], "does not exist"),
+        (["eval", "--run-dir", "nowhere"], "train into it first"),
+        (["leaderboard", "--csv", "none.csv"], "evaluate a run first"),
+        (["train", "--dataset", "imagenet21k"], "unknown dataset"),
+    ]
+    for argv, message in cases:
+        assert run(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err

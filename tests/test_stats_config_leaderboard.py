@@ -1,0 +1,92 @@
+"""CI formula, config loading/validation and the leaderboard file."""
+
+import math
+
+import pandas as pd
+import pytest
+
+from fewshot_nsl.config import RunConfig, load_config
+from fewshot_nsl.errors import UserError
+from fewshot_nsl.results import leaderboard
+from fewshot_nsl.results.stats import confidence_interval
+
+
+def test_confidence_interval_matches_hand_computation():
+    accs = [0.8, 0.9, 1.0, 0.7]
+    # mean 0.85; sample variance = (0.0025+0.0025+0.0225+0.0225)/3 = 0.05/3
+    summary = confidence_interval(accs)
+    assert summary.mean == pytest.approx(0.85)
+    assert summary.ci95 == pytest.approx(1.96 * math.sqrt(0.05 / 3) / 2)
+    assert str(summary) == "acc 85.00 ± 12.65 (95% CI, 4 episodes)"
+
+
+def test_confidence_interval_needs_episodes():
+    with pytest.raises(ValueError):
+        confidence_interval([])
+
+
+def test_yaml_config_and_unknown_keys(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("method: protonet\nways: 60\nshots: 1\n")
+    config = load_config(good)
+    assert (config.ways, config.shots, config.queries) == (60, 1, 5)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ways: 5\nwayz: 7\n")
+    with pytest.raises(UserError, match="unknown config key\\(s\\) wayz; valid keys: method, backbone"):
+        load_config(bad)
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "broken.yaml").write_text("ways: [5\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(tmp_path / "broken.yaml")
+
+
+def test_resolve_fills_recipe_defaults_per_dataset():
+    omniglot = RunConfig(method="maml").resolve()
+    assert (omniglot.inner_lr, omniglot.inner_steps, omniglot.eval_inner_steps, omniglot.meta_batch, omniglot.width) == (0.4, 1, 3, 32, 64)
+    mini = RunConfig(method="maml", dataset="miniimagenet").resolve()
+    assert (mini.inner_lr, mini.inner_steps, mini.eval_inner_steps, mini.meta_batch, mini.width) == (0.01, 5, 10, 4, 32)
+    assert RunConfig().resolve().channels_last is True and mini.channels_last is False
+    assert RunConfig(method="maml", inner_lr=0.1).resolve().inner_lr == 0.1
+    with pytest.raises(UserError, match="unknown method"):
+        RunConfig(method="knn").resolve()
+    with pytest.raises(UserError, match="shots must be >= 1"):
+        RunConfig(shots=0).resolve()
+
+
+def row(acc, **extra):
+    return {"method": "protonet", "backbone": "conv4", "similarity": "conv", "dataset": "omniglot",
+            "protocol": "vinyals", "ways": 5, "shots": 1, "acc": acc, "ci95": 0.01, "run_dir": f"runs/{acc}"} | extra
+
+
+def test_leaderboard_appends_ranks_and_keeps_rows(tmp_path):
+    path = tmp_path / "board.csv"
+    leaderboard.append(path, row(0.9))
+    leaderboard.append(path, row(0.95))
+    leaderboard.append(path, row(0.5, ways=20, custom_note="kept"))
+    frame = leaderboard.read(path)
+    assert len(frame) == 3 and "custom_note" in frame.columns
+    table = leaderboard.ranked(frame, ways=5)
+    assert table["acc"].tolist() == [0.95, 0.9] and table["rank"].tolist() == [1, 2]
+    text = leaderboard.render(table, "markdown")
+    assert text.splitlines()[2].startswith("| 1 | omniglot | vinyals | 5 | 1 | protonet")
+    assert "95.0" in text
+    csv_text = leaderboard.render(table, "csv")
+    assert csv_text.splitlines()[0].startswith("rank,dataset")
+
+
+def test_leaderboard_refuses_a_broken_file_without_touching_it(tmp_path):
+    path = tmp_path / "board.csv"
+    path.write_text("not,a\nleaderboard,file\n")
+    before = path.read_text()
+    with pytest.raises(UserError, match="lacks the column"):
+        leaderboard.append(path, row(0.9))
+    assert path.read_text() == before
+
+
+def test_leaderboard_plot(tmp_path):
+    path = tmp_path / "board.csv"
+    for acc in (0.9, 0.8):
+        leaderboard.append(path, row(acc))
+    leaderboard.plot(leaderboard.ranked(leaderboard.read(path)), tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
