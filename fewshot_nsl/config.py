@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from fewshot_nsl.errors import UserError
@@ -55,6 +56,7 @@ class RunConfig:
     meta_sgd: bool = False
     anil: bool = False
     head: str = "zero"
+    vectorise: bool | None = None
     # validation and bookkeeping
     val_every: int = 500
     val_episodes: int = 200
@@ -90,6 +92,9 @@ class RunConfig:
             "inner_lr": 0.01 if mini else 0.4,
             # channels_last speeds up conv on CPU but slows second-order MAML.
             "channels_last": not maml,
+            # vmap over tasks turns convolutions into grouped ones: slower on CPU,
+            # meant for GPUs (benchmarks/maml_speed.py).
+            "vectorise": self.device.startswith("cuda") or (self.device == "auto" and torch.cuda.is_available()),
         }
         filled = {k: v for k, v in defaults.items() if getattr(self, k) is None}
         resolved = dataclasses.replace(self, **filled)

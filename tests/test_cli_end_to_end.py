@@ -69,3 +69,14 @@ def test_bad_input_gives_one_line_errors(workdir: Path, capsys: pytest.CaptureFi
         assert run(argv) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_short_maml_run_on_omniglot_beats_chance(workdir: Path):
+    status = run(["train", "--method", "maml", "--ways", "5", "--shots", "1", "--queries", "5", "--meta-batch", "4",
+                  "--episodes", "50", "--val-every", "50", "--val-episodes", "10", "--run-dir", "runs/m1", "--no-progress"])  # fmt: skip
+    assert status == 0
+    assert run(["eval", "--run-dir", "runs/m1", "--ways", "5", "--shots", "1", "--episodes", "80", "--no-progress"]) == 0
+    row = pd.read_csv(workdir / "leaderboard.csv").iloc[0]
+    assert row["method"] == "maml" and row["episodes"] == 80
+    # 5-way chance is 0.20; 50 meta-iterations of 4 tasks reach ~0.45 (95% CI about ±0.04).
+    assert row["acc"] > 0.32, f"MAML reached only {row['acc']:.3f} (chance 0.2)"

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from fewshot_nsl.backbones.similarity import PLAIN, Similarity
+from fewshot_nsl.errors import UserError
 
 
 class Conv4(nn.Module):
@@ -37,7 +38,7 @@ class Conv4(nn.Module):
             ]
             height, width_px = height // 2, width_px // 2
         if height < 1 or width_px < 1:
-            raise ValueError(f"images of {image_shape[1:]} pixels are too small for {blocks} pooling blocks")
+            raise UserError(f"images of {image_shape[1:]} pixels are too small for {blocks} pooling blocks; raise --image-size")
         self.features = nn.Sequential(*layers)
         self.out_features = width * height * width_px
 

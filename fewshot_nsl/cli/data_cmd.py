@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fewshot_nsl.data.omniglot_prepare import prepare_miniimagenet, prepare_omniglot
+from fewshot_nsl.data.miniimagenet import prepare_miniimagenet
+from fewshot_nsl.data.omniglot_prepare import prepare_omniglot
 from fewshot_nsl.data.roots import data_root
 from fewshot_nsl.errors import UserError
 

@@ -14,13 +14,14 @@ import torch
 def source_key(paths: Iterable[Path], *settings: object) -> str:
     """A short key that changes when a source file or a setting changes.
 
-    Uses size and modification time, not content, so that checking the key
-    costs nothing even for tens of thousands of JPEGs.
+    Uses each file's absolute path, size and modification time (one ``stat``
+    per file, no content read, no ``resolve``), so checking the key of tens
+    of thousands of JPEGs costs a fraction of a second.
     """
     digest = hashlib.sha256()
-    for path in sorted(paths):
-        stat = path.stat()
-        digest.update(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    for path in paths:
+        stat = os.stat(path)
+        digest.update(f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
     digest.update(repr(settings).encode())
     return digest.hexdigest()[:16]
 

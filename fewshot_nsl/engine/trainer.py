@@ -92,12 +92,12 @@ def train(config: RunConfig, overwrite: bool = False, progress: bool = True) -> 
             if iteration % LOG_EVERY == 0 or iteration == config.episodes:
                 loss, acc = sum(window_loss) / len(window_loss), sum(window_acc) / len(window_acc)
                 metrics.writerow([iteration, "train", f"{loss:.5f}", f"{acc:.5f}", "", f"{schedule.get_last_lr()[0]:.3g}", f"{time.perf_counter() - started:.1f}"])
+                handle.flush()
                 bar.set_postfix(loss=f"{loss:.3f}", acc=f"{100 * acc:.1f}")
                 window_loss, window_acc = [], []
             if val_manifest is not None and (iteration % config.val_every == 0 or iteration == config.episodes):
                 summary, _ = evaluate_learner(learner, val_set, val_manifest, device, layout, progress=False)
                 metrics.writerow([iteration, "val", "", f"{summary.mean:.5f}", f"{summary.ci95:.5f}", "", f"{time.perf_counter() - started:.1f}"])
-                handle.flush()
                 if best_acc is None or summary.mean > best_acc:
                     best_acc = summary.mean
                     save_atomically({"model": learner.state_dict(), "iteration": iteration, "val_acc": best_acc}, run_dir / BEST)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from fewshot_nsl.backbones import build_backbone, resolve_similarity
 from fewshot_nsl.config import RunConfig
 from fewshot_nsl.learners.base import BatchResult, FewShotLearner
@@ -32,6 +34,8 @@ def build_learner(config: RunConfig, image_shape: tuple[int, int, int]) -> FewSh
         anil=config.anil,
         head=config.head,
         ways=config.ways,
+        vectorise=bool(config.vectorise),
+        generator=torch.Generator().manual_seed(config.seed),
     )
 
 

@@ -1,0 +1,153 @@
+"""Cost of neural similarity: NSL ÷ plain convolution, same Conv-4, same process.
+
+For each input size (Omniglot 20-way 5-shot 5-query: 200×1×28×28; Mini-ImageNet
+5-way 5-shot 15-query: 100×3×84×84) it times the forward+backward of a ProtoNet
+training episode and the forward of an evaluation pass (static NSL folded into
+plain convolutions, as ``fewshot-nsl eval`` does), for plain Conv-4, static NSL
+(diagonal, full) and dynamic NSL (diagonal with meta-network width h ∈ {16, 32,
+64}, full with h = 64). Variants are measured alternately over several rounds
+and the medians compared, so machine noise hits all of them alike.
+
+Dynamic NSL has a FLOP floor of its own: per 3×3 layer with C inputs, O outputs
+and an Ho×Wo output grid, the main convolution costs Ho·Wo·O·C·9 multiply-adds;
+the meta-network adds Ho·Wo·h·C·9 (first conv) + Ho·Wo·T·h·9 (second conv, T = 9
+diagonal or 81 full), and applying M costs Ho·Wo·C·9 (diagonal) or Ho·Wo·C·81
+(full). The reported FLOP ratio sums these over the four layers.
+
+    python benchmarks/nsl_overhead.py            # a few minutes on 2 cores
+    python benchmarks/nsl_overhead.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import machine, write_results  # noqa: E402
+from fewshot_nsl.backbones import build_backbone  # noqa: E402
+from fewshot_nsl.backbones.similarity import Similarity  # noqa: E402
+from fewshot_nsl.episodes.episode import Episode  # noqa: E402
+from fewshot_nsl.learners import ProtoNet  # noqa: E402
+from fewshot_nsl.nsl import fold_static_nsl  # noqa: E402
+from fewshot_nsl.runtime import FAST_MALLOC, seeded  # noqa: E402
+
+INPUTS = {"omniglot-20w5s5q": ((1, 28, 28), 20, 5, 5), "miniimagenet-5w5s15q": ((3, 84, 84), 5, 5, 15)}
+VARIANTS = {
+    "conv": Similarity("conv"),
+    "static-diagonal": Similarity("static", "diagonal"),
+    "static-full": Similarity("static", "full"),
+    "dynamic-diagonal-h16": Similarity("dynamic", "diagonal", 16),
+    "dynamic-diagonal-h32": Similarity("dynamic", "diagonal", 32),
+    "dynamic-diagonal-h64": Similarity("dynamic", "diagonal", 64),
+    "dynamic-full-h64": Similarity("dynamic", "full", 64),
+}
+WIDTH = 64
+
+
+def flop_ratio(similarity: Similarity, image_shape: tuple[int, int, int]) -> float:
+    """Multiply-adds of the NSL Conv-4's 3×3 layers ÷ those of the plain Conv-4 (formula in the docstring)."""
+    channels, height, width = image_shape
+    plain = extra = 0
+    for _ in range(4):
+        grid = height * width
+        plain += grid * WIDTH * channels * 9
+        if similarity.kind == "dynamic":
+            taps = 9 if similarity.form == "diagonal" else 81
+            extra += grid * similarity.hidden * channels * 9 + grid * taps * similarity.hidden * 9 + grid * channels * taps
+        channels, height, width = WIDTH, height // 2, width // 2
+    return (plain + extra) / plain
+
+
+def synthetic_episode(image_shape, ways, shots, queries, layout) -> Episode:
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(ways)
+    return Episode(
+        torch.randn(ways * shots, *image_shape, generator=generator).to(memory_format=layout),
+        labels.repeat_interleave(shots),
+        torch.randn(ways * queries, *image_shape, generator=generator).to(memory_format=layout),
+        labels.repeat_interleave(queries),
+        ways,
+    )
+
+
+def timed(fn, repeats: int) -> float:
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    rounds, repeats = (1, 1) if args.quick else (args.rounds, args.repeats)
+    layout = torch.channels_last  # the shipped default for ProtoNet on CPU
+    rows = []
+    for input_name, (shape, ways, shots, queries) in INPUTS.items():
+        episode = synthetic_episode(shape, ways, shots, queries, layout)
+        learners = {}
+        for name, similarity in VARIANTS.items():
+            with seeded(0):
+                backbone = build_backbone("conv4" if similarity.kind == "conv" else "nsl-conv4", shape, similarity)
+            learners[name] = ProtoNet(backbone).to(memory_format=layout)
+        evaluators = {name: fold_static_nsl(learner).eval() for name, learner in learners.items()}
+
+        def train_step(learner: ProtoNet) -> None:
+            learner.zero_grad(set_to_none=True)
+            learner.batch_loss([episode]).loss.backward()
+
+        @torch.no_grad()
+        def eval_step(learner: ProtoNet) -> None:
+            learner.fit(episode.support_images, episode.support_labels, ways)(episode.query_images)
+
+        train_times = {name: [] for name in VARIANTS}
+        eval_times = {name: [] for name in VARIANTS}
+        for name in VARIANTS:  # warm-up
+            train_step(learners[name])
+            eval_step(evaluators[name])
+        for _ in range(rounds):
+            for name in VARIANTS:
+                train_times[name].append(timed(lambda: train_step(learners[name]), repeats))
+                eval_times[name].append(timed(lambda: eval_step(evaluators[name]), repeats))
+        base_train, base_eval = statistics.median(train_times["conv"]), statistics.median(eval_times["conv"])
+        for name, similarity in VARIANTS.items():
+            train_s, eval_s = statistics.median(train_times[name]), statistics.median(eval_times[name])
+            flops = flop_ratio(similarity, shape)
+            rows.append({
+                "input": input_name, "variant": name, "train_s": train_s, "eval_s": eval_s,
+                "train_ratio": train_s / base_train, "eval_ratio": eval_s / base_eval, "flop_ratio": flops,
+                "train_ratio_over_flop_ratio": train_s / base_train / flops,
+            })  # fmt: skip
+    lines = [
+        "| input | variant | train s/episode | train ratio | eval ratio | FLOP ratio | train ratio ÷ FLOP ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['input']} | {r['variant']} | {r['train_s']:.3f} | {r['train_ratio']:.2f}× | {r['eval_ratio']:.2f}× | "
+            f"{r['flop_ratio']:.2f}× | {r['train_ratio_over_flop_ratio']:.2f} |"
+        )
+    info = machine()
+    text = (
+        "# NSL overhead, Conv-4, CPU\n\n"
+        f"`python benchmarks/nsl_overhead.py` — {rounds} alternating rounds × {repeats} repeats, medians; "
+        f"{info['cpu_count']} cores, {info['threads']} threads, torch {info['torch']}, channels_last, "
+        f"GLIBC_TUNABLES {'set' if info['glibc_tunables'] == FAST_MALLOC else 'not set'}. Ratios are against plain Conv-4 "
+        "in the same run. Training = ProtoNet episode forward+backward; evaluation = forward with static NSL folded.\n\n"
+        + "\n".join(lines) + "\n"
+    )
+    write_results("nsl_overhead", {"machine": info, "rounds": rounds, "repeats": repeats, "rows": rows}, text)
+
+
+if __name__ == "__main__":
+    main()

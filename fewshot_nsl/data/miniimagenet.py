@@ -1,0 +1,211 @@
+"""Mini-ImageNet (Vinyals et al. 2016) with the Ravi & Larochelle (2017) split.
+
+``<data-root>/miniimagenet`` may hold either usual on-disk layout; per split the
+first one found is used:
+
+* folders: ``<split>/<wnid>/<file>.jpg`` (what ``../shared/data/miniimagenet``
+  holds; there ``train/`` has only 300 of the 600 images per class: whatever
+  is present is read, and ``describe_miniimagenet`` reports the counts);
+* csv: one flat ``images/`` folder plus the Ravi split files
+  ``splits/ravi/<split>.csv`` or ``<split>.csv`` (rows ``filename,label``).
+  Every listed image must be present.
+
+Classes are the wnids, sorted; images of a class are sorted by file name, so
+the same images give the same ``ImageClassSet`` in either layout. Images are
+decoded to RGB uint8 and resized (plain bilinear resize of both sides, as the
+84x84 Mini-ImageNet files were made) only when not already
+``image_size`` x ``image_size``. The result is cached. Normalisation uses the
+ImageNet channel mean and std.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torchvision.io import ImageReadMode
+
+from fewshot_nsl.data.dataset import ImageClassSet
+from fewshot_nsl.data.image_folder import image_files, iter_decoded, resize_square, visible_subfolders
+from fewshot_nsl.data.tensor_cache import cached, source_key
+from fewshot_nsl.errors import UserError
+
+SPLITS = ("train", "val", "test")
+RAVI_CLASSES = {"train": 64, "val": 16, "test": 20}
+RAVI_IMAGES_PER_CLASS = 600
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SUFFIXES = (".jpg", ".jpeg", ".png")
+CACHE_VERSION = "miniimagenet-v1"
+
+
+@dataclass(frozen=True)
+class SplitListing:
+    """The files of one split, found without decoding anything."""
+
+    split: str
+    layout: str  # "folders" or "csv"
+    source: Path  # the split folder, or the csv file
+    class_names: tuple[str, ...]
+    files: tuple[tuple[Path, ...], ...]  # per class, sorted by file name
+
+    @property
+    def num_images(self) -> int:
+        return sum(len(f) for f in self.files)
+
+    def summary(self) -> str:
+        """E.g. ``train: 64 classes, 19200 images (300 per class; the full split has 600) from ...``."""
+        sizes = sorted({len(f) for f in self.files})
+        per_class = f"{sizes[0]} per class" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]} per class"
+        if sizes != [RAVI_IMAGES_PER_CLASS]:
+            per_class += f"; the full split has {RAVI_IMAGES_PER_CLASS}"
+        return (
+            f"{self.split}: {len(self.class_names)} classes, {self.num_images} images ({per_class}) "
+            f"from {self.source} [{self.layout} layout]"
+        )
+
+
+def _folder_listing(folder: Path, split: str) -> SplitListing:
+    split_dir = folder / split
+    classes = visible_subfolders(split_dir)
+    if not classes:
+        raise UserError(f"{split_dir} has no class folders; expected {split_dir}/<wnid>/<file>.jpg")
+    files = []
+    for class_dir in classes:
+        found = image_files(class_dir, SUFFIXES)
+        if not found:
+            raise UserError(f"Mini-ImageNet class folder {class_dir} has no .jpg images")
+        files.append(tuple(found))
+    return SplitListing(split, "folders", split_dir, tuple(c.name for c in classes), tuple(files))
+
+
+def _csv_listing(folder: Path, split: str, csv_path: Path) -> SplitListing:
+    images_dir = folder / "images"
+    by_class: dict[str, list[Path]] = {}
+    with open(csv_path, newline="") as handle:
+        for line_no, row in enumerate(csv.reader(handle), start=1):
+            if not row or (line_no == 1 and [c.strip().lower() for c in row[:2]] == ["filename", "label"]):
+                continue
+            if len(row) < 2:
+                raise UserError(f"{csv_path} line {line_no}: expected `filename,label`, got {','.join(row)!r}")
+            by_class.setdefault(row[1].strip(), []).append(images_dir / row[0].strip())
+    if not by_class:
+        raise UserError(f"{csv_path} lists no images")
+    missing = [p for paths in by_class.values() for p in paths if not p.is_file()]
+    if missing:
+        raise UserError(
+            f"{len(missing)} of the images listed in {csv_path} are missing from {images_dir} "
+            f"(first: {missing[0].name}); the csv layout needs every listed image"
+        )
+    names = tuple(sorted(by_class))
+    files = tuple(tuple(sorted(by_class[n], key=lambda p: p.name)) for n in names)
+    return SplitListing(split, "csv", csv_path, names, files)
+
+
+def _find_split(folder: Path, split: str) -> SplitListing | None:
+    if (folder / split).is_dir():
+        return _folder_listing(folder, split)
+    if (folder / "images").is_dir():
+        for csv_path in (folder / "splits" / "ravi" / f"{split}.csv", folder / f"{split}.csv"):
+            if csv_path.is_file():
+                return _csv_listing(folder, split, csv_path)
+    return None
+
+
+def list_split(folder: Path, split: str) -> SplitListing:
+    """Find one split's files in either layout, or raise a ``UserError`` that says what was expected."""
+    if split not in SPLITS:
+        raise UserError(f"Mini-ImageNet has no {split!r} split; it has {', '.join(SPLITS)}")
+    listing = _find_split(folder, split)
+    if listing is not None:
+        return listing
+    where = "does not exist" if not folder.is_dir() else f"has neither {split}/ nor images/ with a {split}.csv"
+    raise UserError(
+        f"Mini-ImageNet {split} split not found: {folder} {where}. Expected {folder}/{split}/<wnid>/*.jpg, or "
+        f"{folder}/images/ plus {folder}/splits/ravi/{split}.csv (or {folder}/{split}.csv). Mini-ImageNet cannot "
+        f"be downloaded by script: get a copy, then `fewshot-nsl data prepare miniimagenet --source DIR` "
+        f"(or point --data-root / FEWSHOT_NSL_DATA at the folder holding miniimagenet/)"
+    )
+
+
+def describe_miniimagenet(folder: Path) -> dict[str, SplitListing]:
+    """Listings of the splits present in ``folder``; checks class counts and disjoint classes."""
+    found = {split: _find_split(folder, split) for split in SPLITS}
+    listings = {split: listing for split, listing in found.items() if listing is not None}
+    if not listings:
+        raise UserError(
+            f"no Mini-ImageNet split found in {folder}: expected train/, val/, test/ folders of <wnid>/*.jpg, "
+            f"or images/ plus the Ravi split csv files"
+        )
+    for split, listing in listings.items():
+        if len(listing.class_names) != RAVI_CLASSES[split]:
+            raise UserError(
+                f"{listing.source} has {len(listing.class_names)} classes; the Ravi {split} split has "
+                f"{RAVI_CLASSES[split]}"
+            )
+    seen: dict[str, str] = {}
+    for split, listing in listings.items():
+        for name in listing.class_names:
+            if name in seen:
+                raise UserError(f"class {name} is in both the {seen[name]} and the {split} split of {folder}")
+            seen[name] = split
+    return listings
+
+
+def _decode_split(listing: SplitListing, image_size: int) -> dict[str, torch.Tensor]:
+    flat = [path for class_files in listing.files for path in class_files]
+    images = torch.empty((len(flat), 3, image_size, image_size), dtype=torch.uint8)
+    for index, image in enumerate(iter_decoded(flat, ImageReadMode.RGB)):
+        images[index] = resize_square(image, image_size, crop=False)
+    labels = torch.arange(len(listing.files)).repeat_interleave(torch.tensor([len(f) for f in listing.files]))
+    return {"images": images, "labels": labels}
+
+
+def load_miniimagenet(data_root: Path, split: str, cache_dir: Path, image_size: int = 84) -> ImageClassSet:
+    """One Ravi split of Mini-ImageNet as an ``ImageClassSet`` (decoded once, then cached)."""
+    listing = list_split(Path(data_root) / "miniimagenet", split)
+    flat = [path for class_files in listing.files for path in class_files]
+    key = source_key(flat, image_size, listing.layout, CACHE_VERSION)
+    tensors = cached(
+        Path(cache_dir), f"miniimagenet-{split}-{image_size}", key, lambda: _decode_split(listing, image_size)
+    )
+    return ImageClassSet(
+        images=tensors["images"],
+        labels=tensors["labels"],
+        class_names=listing.class_names,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        name=f"miniimagenet/ravi/{split}",
+    )
+
+
+def prepare_miniimagenet(source: Path, data_root: Path) -> Path:
+    """Check a user's Mini-ImageNet copy and make it ``<data_root>/miniimagenet`` (a symbolic link).
+
+    Mini-ImageNet cannot be downloaded legally by script; this validates the
+    layout (see the module docstring), the Ravi class counts and that the
+    splits share no class, then links. Returns ``<data_root>/miniimagenet``.
+    ``describe_miniimagenet`` gives per-split counts for a summary.
+    """
+    source = Path(source).expanduser()
+    if not source.is_dir():
+        raise UserError(f"Mini-ImageNet source {source} is not a folder")
+    describe_miniimagenet(source)
+    target = Path(data_root).expanduser() / "miniimagenet"
+    if target.exists() or target.is_symlink():
+        if target.resolve() == source.resolve():
+            return target
+        raise UserError(
+            f"{target} already exists and is not {source}; remove it, or use another --data-root"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.symlink_to(source.resolve(), target_is_directory=True)
+    except OSError as exc:
+        raise UserError(
+            f"cannot link {target} → {source} ({exc}); move or copy the folder there yourself, "
+            f"or point --data-root at a folder whose miniimagenet/ is your copy"
+        ) from None
+    return target

@@ -1,0 +1,226 @@
+"""Dynamic NSL: a convolution whose tap-mixing matrix depends on the input.
+
+``M9(b, p) = I + G(x)(b, p)`` is predicted per sample and output position by
+a small meta-network over the layer's own input, so the layer can reweight
+(diagonal form) or re-route (full form) its kernel taps locally.
+
+Speed. The published implementation materialises the per-tap responses (a
+convolution with ``k**2`` times the output channels). Here the modulation is
+applied to the *input* patches instead: for each chunk of samples the patches
+``X`` (``L x k**2 x C``) are gathered, mixed along the tap axis
+(``m * X`` or ``M(p) @ X``, cost ``C * k**2`` or ``C * k**4`` per position),
+and multiplied by the kernel (one GEMM, the convolution's own FLOPs). A custom
+autograd function recomputes the patches chunk by chunk in backward instead of
+saving them, so the ``k**2``-times-larger patch tensor never leaves the CPU
+cache: DRAM traffic stays that of a plain convolution.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from fewshot_nsl.nsl.patches import (
+    NSLConvBase,
+    require_int,
+    fold_tap_patches,
+    is_channels_last,
+    padded_nhwc,
+    tap_patches,
+    to_channels_last,
+)
+
+# Patch-matrix elements (positions x k**2 x C) processed at once on CPU: the
+# chunk's patches, modulated patches and their gradients (4 MiB each in
+# float32) then stay in L2/L3 between the gather, the GEMMs and the scatter.
+_CPU_CHUNK_ELEMENTS = 1 << 20
+
+
+def _samples_per_chunk(x: torch.Tensor, patch_elements_per_sample: int) -> int:
+    """Chunk over the batch on CPU (cache residency); accelerators take the
+    whole batch in one go, since per-chunk kernel launches would dominate."""
+    if x.device.type != "cpu":
+        return x.shape[0]
+    return max(1, _CPU_CHUNK_ELEMENTS // patch_elements_per_sample)
+
+
+def _modulate(patches: torch.Tensor, sim: torch.Tensor) -> torch.Tensor:
+    """Mix the tap axis of ``patches`` (n, Ho, Wo, k, k, C) with ``sim``.
+
+    ``sim`` is (n, Ho, Wo, k*k) (diagonal) or (n, Ho, Wo, k*k, k*k) (full, row
+    i holds ``M9[i, :]``). Returns contiguous (n, Ho*Wo, k*k*C), tap-major.
+    """
+    n, out_h, out_w, k, _, channels = patches.shape
+    if sim.dim() == 4:
+        # sim first: TensorIterator then lays the product out contiguously.
+        modulated = sim.contiguous().view(n, out_h, out_w, k, k, 1) * patches
+    else:
+        modulated = torch.matmul(sim.contiguous(), patches.reshape(n, out_h, out_w, k * k, channels))
+    return modulated.reshape(n, out_h * out_w, k * k * channels)
+
+
+class _TapModulatedConv(torch.autograd.Function):
+    """``y[b,o,p] = sum_{c,i,j} w[o,c,i] sim(b,p)[i,j] x[b,c,p+delta_j]``.
+
+    Inputs: ``x`` (B, C, H, W), ``weight`` (O, C, k, k), ``sim`` tap-last
+    (B, Ho, Wo, k*k[, k*k]). Output (B, O, Ho, Wo), channels_last when
+    ``nhwc_out`` (each chunk's GEMM writes straight into that layout).
+    Written with ordinary differentiable ops only (double backward for MAML)
+    and ``generate_vmap_rule`` (vmap over tasks, per-task weights).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(
+        x: torch.Tensor, weight: torch.Tensor, sim: torch.Tensor, stride: int, padding: int, nhwc_out: bool
+    ) -> torch.Tensor:
+        batch = x.shape[0]
+        out_channels, _, k, _ = weight.shape
+        out_h, out_w = sim.shape[1], sim.shape[2]
+        w2 = weight.permute(0, 2, 3, 1).reshape(out_channels, -1)  # (O, k*k*C), tap-major like the patches
+        chunk = _samples_per_chunk(x, out_h * out_w * w2.shape[1])
+        parts = []
+        for start in range(0, batch, chunk):
+            patches = tap_patches(padded_nhwc(x[start : start + chunk], padding), k, stride)
+            modulated = _modulate(patches, sim[start : start + chunk])
+            # Produce each chunk directly in the output layout: no transpose pass.
+            parts.append(modulated @ w2.t() if nhwc_out else torch.matmul(w2, modulated.transpose(1, 2)))
+        y = torch.cat(parts)
+        if nhwc_out:
+            return y.view(batch, out_h, out_w, out_channels).permute(0, 3, 1, 2)
+        return y.view(batch, out_channels, out_h, out_w)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        x, weight, sim, stride, padding, _ = inputs
+        ctx.save_for_backward(x, weight, sim)
+        ctx.stride, ctx.padding = stride, padding
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
+        x, weight, sim = ctx.saved_tensors
+        need_x, need_w, need_sim = ctx.needs_input_grad[:3]
+        stride, padding = ctx.stride, ctx.padding
+        batch, channels, height, width = x.shape
+        out_channels, _, k, _ = weight.shape
+        out_h, out_w = sim.shape[1], sim.shape[2]
+        positions = out_h * out_w
+        w2 = weight.permute(0, 2, 3, 1).reshape(out_channels, -1)
+        chunk = _samples_per_chunk(x, positions * w2.shape[1])
+        grad_w = None
+        grad_x_parts, grad_sim_parts = [], []
+        for start in range(0, batch, chunk):
+            stop = min(start + chunk, batch)
+            n = stop - start
+            x_pad = padded_nhwc(x[start:stop], padding)
+            patches = tap_patches(x_pad, k, stride)
+            sim_c = sim[start:stop]
+            # (O, n*L): a view for NHWC gradients, a small in-cache copy for NCHW.
+            g = grad_out[start:stop].reshape(n, out_channels, positions).transpose(0, 1).reshape(out_channels, -1)
+            if need_w:
+                part = g @ _modulate(patches, sim_c).view(n * positions, -1)
+                grad_w = part if grad_w is None else grad_w + part
+            if not (need_x or need_sim):
+                continue
+            grad_mod = (g.t() @ w2).view(n, out_h, out_w, k, k, channels)
+            if sim.dim() == 4:
+                if need_sim:
+                    grad_sim_parts.append((grad_mod * patches).sum(-1).view(n, out_h, out_w, k * k))
+                gain = sim_c.reshape(n, out_h, out_w, k, k, 1)
+            else:
+                grad_mod = grad_mod.view(n, out_h, out_w, k * k, channels)
+                if need_sim:
+                    flat = patches.reshape(n, out_h, out_w, k * k, channels)
+                    grad_sim_parts.append(torch.matmul(grad_mod, flat.transpose(-1, -2)))
+                grad_mod = torch.matmul(sim_c.transpose(-1, -2), grad_mod).view(n, out_h, out_w, k, k, channels)
+                gain = None
+            if need_x:
+                grad_pad = fold_tap_patches(grad_mod, x_pad.shape[1], x_pad.shape[2], stride, gain)
+                grad_x_parts.append(grad_pad[:, padding : padding + height, padding : padding + width].permute(0, 3, 1, 2))
+        grad_x = torch.cat(grad_x_parts) if need_x else None
+        grad_sim = torch.cat(grad_sim_parts) if need_sim else None
+        if grad_w is not None:
+            grad_w = grad_w.view(out_channels, k, k, channels).permute(0, 3, 1, 2)
+        return grad_x, grad_w, grad_sim, None, None, None
+
+
+class DynamicNSLConv2d(NSLConvBase):
+    """Convolution with an input-dependent neural similarity ``M9(b,p) = I + G(x)(b,p)``.
+
+    ``G``: ``conv k x k (C -> hidden, the layer's stride/padding)`` divided by
+    the local patch norm ``sqrt(sum_{c,taps} x**2 + eps)`` (so it sees the
+    patch's *shape*, not its contrast), then BatchNorm, ReLU and a 3x3 conv to
+    ``k**2`` (diagonal) or ``k**4`` (full) channels. That last conv starts
+    near zero, so a fresh layer is the plain convolution plus a tiny
+    perturbation and NSL can be swapped into a pretrained-style init safely.
+
+    The meta-network's BatchNorm is an ordinary ``nn.BatchNorm2d``, so
+    ``torch.func.replace_all_batch_norm_modules_`` (vmap over tasks) finds it.
+    """
+
+    energy_eps = 1e-6
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        padding: int = 1,
+        bias: bool = False,
+        form: str = "diagonal",
+        hidden: int = 64,
+    ):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias, form)
+        self.hidden = require_int("hidden", hidden, 1)
+        taps = self.taps
+        self.meta_conv = nn.Conv2d(in_channels, hidden, kernel_size, stride, padding, bias=False)
+        self.meta_bn = nn.BatchNorm2d(hidden)
+        self.meta_out = nn.Conv2d(hidden, taps if form == "diagonal" else taps * taps, 3, 1, 1)
+        with torch.no_grad():
+            self.meta_out.weight.mul_(1e-3)
+            self.meta_out.bias.zero_()
+        self.register_buffer("energy_kernel", torch.ones(1, 1, kernel_size, kernel_size), persistent=False)
+
+    def similarity(self, x: torch.Tensor) -> torch.Tensor:
+        """The per-position similarity the forward pass uses.
+
+        Diagonal form: ``m = 1 + g`` of shape (B, k*k, Ho, Wo), the diagonal of
+        ``M9``. Full form: ``I + g`` of shape (B, k*k, k*k, Ho, Wo), ``[:, i, j]``
+        being ``M9[i, j]``.
+        """
+        x = to_channels_last(x)
+        # Patch energy: a 1-channel box sum of sum_c x**2 (vector_norm fuses the
+        # square and the channel sum in one pass, forward and backward).
+        energy = F.conv2d(
+            torch.linalg.vector_norm(x, dim=1, keepdim=True).square(),
+            self.energy_kernel,
+            None,
+            self.stride,
+            self.padding,
+        )
+        h = self.meta_conv(x) * torch.rsqrt(energy + self.energy_eps)
+        g = self.meta_out(F.relu(self.meta_bn(h), inplace=True))
+        if self.form == "diagonal":
+            return g + 1.0
+        eye = torch.eye(self.taps, dtype=g.dtype, device=g.device)
+        return g.unflatten(1, (self.taps, self.taps)) + eye[:, :, None, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        nhwc_out = is_channels_last(x)
+        # oneDNN convolutions and the patch gathers are fastest on NHWC data;
+        # the output still comes back in the caller's layout.
+        x = to_channels_last(x)
+        sim = self.similarity(x)
+        tap_last = sim.permute(0, 2, 3, 1) if self.form == "diagonal" else sim.permute(0, 3, 4, 1, 2)
+        y = _TapModulatedConv.apply(x, self.weight, tap_last, self.stride, self.padding, nhwc_out)
+        if self.bias is not None:
+            y = y + self.bias.view(1, -1, 1, 1)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, hidden={self.hidden}"
