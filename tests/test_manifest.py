@@ -49,3 +49,23 @@ def test_manifest_refuses_another_split():
     manifest.check_dataset(synthetic_set())
     with pytest.raises(UserError, match="fingerprint"):
         manifest.check_dataset(synthetic_set(classes=13))
+
+
+@pytest.mark.real_data
+def test_shipped_manifests_match_real_data(real_omniglot_root, real_cache_dir, monkeypatch):
+    """The committed Omniglot manifests are what a fresh seeded draw gives, and refuse the wrong split."""
+    from fewshot_nsl.data.registry import load_split
+    from fewshot_nsl.episodes.manifest import STANDARD_SPECS, manifest_path
+
+    monkeypatch.setenv("FEWSHOT_NSL_CACHE", str(real_cache_dir))
+    vinyals = load_split("omniglot", "test", "vinyals", real_omniglot_root)
+    lake = load_split("omniglot", "test", "lake", real_omniglot_root)
+    for spec in STANDARD_SPECS:
+        if spec.dataset != "omniglot" or spec.ways != 20:
+            continue
+        split = vinyals if spec.protocol == "vinyals" else lake
+        stored = Manifest.load(manifest_path(spec))
+        stored.check_dataset(split)
+        assert stored.content_hash() == draw(spec, split).content_hash()
+        with pytest.raises(UserError, match="fingerprint"):
+            stored.check_dataset(lake if split is vinyals else vinyals)

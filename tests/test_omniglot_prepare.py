@@ -429,3 +429,18 @@ def test_real_omniglot_resize_is_cached(real_omniglot_root, real_cache_dir, monk
     elapsed = time.perf_counter() - start
     assert data.num_classes == 4112
     assert elapsed < 10, f"cached load took {elapsed:.1f}s"
+
+
+def test_cli_prepare_converts_offline(png_tree, split_dir, cache_dir, capsys):
+    """`fewshot-nsl data prepare omniglot` converts the fixture tree offline; the result serves a whole protocol."""
+    from fewshot_nsl.cli.main import run
+    from fewshot_nsl.data.registry import load_split
+
+    data_root = png_tree[0]
+    status = run(["data", "prepare", "omniglot", "--data-root", str(data_root), "--no-download", "--splits-from", str(split_dir)])
+    assert status == 0, capsys.readouterr().err
+    assert "omniglot ready in" in capsys.readouterr().out
+    lake = load_split("omniglot", "test", "lake", data_root)
+    assert lake.num_classes > 0 and lake.images.shape[1:] == (1, 28, 28)
+    assert run(["data", "prepare", "miniimagenet", "--data-root", str(data_root)]) == 2
+    assert "pass --source DIR" in capsys.readouterr().err

@@ -47,19 +47,23 @@ def _samples_per_chunk(x: torch.Tensor, patch_elements_per_sample: int) -> int:
     return max(1, _CPU_CHUNK_ELEMENTS // patch_elements_per_sample)
 
 
-def _modulate(patches: torch.Tensor, sim: torch.Tensor) -> torch.Tensor:
+def _modulate(patches: torch.Tensor, sim: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mix the tap axis of ``patches`` (n, Ho, Wo, k, k, C) with ``sim``.
 
     ``sim`` is (n, Ho, Wo, k*k) (diagonal) or (n, Ho, Wo, k*k, k*k) (full, row
-    i holds ``M9[i, :]``). Returns contiguous (n, Ho*Wo, k*k*C), tap-major.
+    i holds ``M9[i, :]``). Returns the modulated patches, contiguous
+    (n*Ho*Wo, k*k*C) tap-major, and the operand backward reuses: the gain
+    (n, Ho, Wo, k, k, 1) (diagonal) or the gathered patches (n, Ho, Wo, k*k, C)
+    (full, where the gather is a copy the batched matmul needs anyway).
     """
     n, out_h, out_w, k, _, channels = patches.shape
     if sim.dim() == 4:
-        # sim first: TensorIterator then lays the product out contiguously.
-        modulated = sim.contiguous().view(n, out_h, out_w, k, k, 1) * patches
-    else:
-        modulated = torch.matmul(sim.contiguous(), patches.reshape(n, out_h, out_w, k * k, channels))
-    return modulated.reshape(n, out_h * out_w, k * k * channels)
+        gain = sim.contiguous().view(n, out_h, out_w, k, k, 1)
+        # gain first: TensorIterator then lays the product out contiguously,
+        # fusing the gather and the modulation into one pass.
+        return (gain * patches).view(-1, k * k * channels), gain
+    gathered = patches.reshape(n, out_h, out_w, k * k, channels)
+    return torch.matmul(sim, gathered).view(-1, k * k * channels), gathered
 
 
 class _TapModulatedConv(torch.autograd.Function):
@@ -81,14 +85,18 @@ class _TapModulatedConv(torch.autograd.Function):
         batch = x.shape[0]
         out_channels, _, k, _ = weight.shape
         out_h, out_w = sim.shape[1], sim.shape[2]
+        positions = out_h * out_w
         w2 = weight.permute(0, 2, 3, 1).reshape(out_channels, -1)  # (O, k*k*C), tap-major like the patches
-        chunk = _samples_per_chunk(x, out_h * out_w * w2.shape[1])
+        chunk = _samples_per_chunk(x, positions * w2.shape[1])
         parts = []
         for start in range(0, batch, chunk):
             patches = tap_patches(padded_nhwc(x[start : start + chunk], padding), k, stride)
-            modulated = _modulate(patches, sim[start : start + chunk])
+            modulated, _ = _modulate(patches, sim[start : start + chunk])
             # Produce each chunk directly in the output layout: no transpose pass.
-            parts.append(modulated @ w2.t() if nhwc_out else torch.matmul(w2, modulated.transpose(1, 2)))
+            if nhwc_out:
+                parts.append(modulated @ w2.t())
+            else:
+                parts.append(torch.matmul(w2, modulated.view(-1, positions, w2.shape[1]).transpose(1, 2)))
         y = torch.cat(parts)
         if nhwc_out:
             return y.view(batch, out_h, out_w, out_channels).permute(0, 3, 1, 2)
@@ -111,6 +119,7 @@ class _TapModulatedConv(torch.autograd.Function):
         positions = out_h * out_w
         w2 = weight.permute(0, 2, 3, 1).reshape(out_channels, -1)
         chunk = _samples_per_chunk(x, positions * w2.shape[1])
+        diagonal = sim.dim() == 4
         grad_w = None
         grad_x_parts, grad_sim_parts = [], []
         for start in range(0, batch, chunk):
@@ -119,27 +128,31 @@ class _TapModulatedConv(torch.autograd.Function):
             x_pad = padded_nhwc(x[start:stop], padding)
             patches = tap_patches(x_pad, k, stride)
             sim_c = sim[start:stop]
-            # (O, n*L): a view for NHWC gradients, a small in-cache copy for NCHW.
+            modulated, operand = _modulate(patches, sim_c)
+            # (O, n*L): a view for NHWC gradients, a small in-cache copy otherwise.
             g = grad_out[start:stop].reshape(n, out_channels, positions).transpose(0, 1).reshape(out_channels, -1)
             if need_w:
-                part = g @ _modulate(patches, sim_c).view(n * positions, -1)
+                part = g @ modulated
                 grad_w = part if grad_w is None else grad_w + part
             if not (need_x or need_sim):
                 continue
-            grad_mod = (g.t() @ w2).view(n, out_h, out_w, k, k, channels)
-            if sim.dim() == 4:
+            grad_mod = g.t() @ w2  # d loss / d modulated patches, (n*L, k*k*C)
+            if diagonal:
+                grad_mod = grad_mod.view(n, out_h, out_w, k, k, channels)
                 if need_sim:
                     grad_sim_parts.append((grad_mod * patches).sum(-1).view(n, out_h, out_w, k * k))
-                gain = sim_c.reshape(n, out_h, out_w, k, k, 1)
+                if need_x:
+                    grad_pad = fold_tap_patches(grad_mod, x_pad.shape[1], x_pad.shape[2], stride, gain=operand)
             else:
                 grad_mod = grad_mod.view(n, out_h, out_w, k * k, channels)
                 if need_sim:
-                    flat = patches.reshape(n, out_h, out_w, k * k, channels)
-                    grad_sim_parts.append(torch.matmul(grad_mod, flat.transpose(-1, -2)))
-                grad_mod = torch.matmul(sim_c.transpose(-1, -2), grad_mod).view(n, out_h, out_w, k, k, channels)
-                gain = None
+                    grad_sim_parts.append(torch.matmul(grad_mod, operand.transpose(-1, -2)))
+                if need_x:
+                    grad_patches = torch.matmul(sim_c.transpose(-1, -2), grad_mod)
+                    grad_pad = fold_tap_patches(
+                        grad_patches.view(n, out_h, out_w, k, k, channels), x_pad.shape[1], x_pad.shape[2], stride
+                    )
             if need_x:
-                grad_pad = fold_tap_patches(grad_mod, x_pad.shape[1], x_pad.shape[2], stride, gain)
                 grad_x_parts.append(grad_pad[:, padding : padding + height, padding : padding + width].permute(0, 3, 1, 2))
         grad_x = torch.cat(grad_x_parts) if need_x else None
         grad_sim = torch.cat(grad_sim_parts) if need_sim else None
