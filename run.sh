@@ -21,7 +21,6 @@ setup() {
     local stamp="$VENV/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
     if [ ! -f "$stamp" ]; then
         [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-        "$VENV/bin/python" -m pip install --quiet --upgrade pip
         "$VENV/bin/python" -m pip install --quiet -e '.[test]'
         rm -f "$VENV"/.installed-*
         touch "$stamp"
