@@ -3,8 +3,6 @@ reference, folding, gradients (incl. double backward), and torch.func use."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch import nn
@@ -220,6 +218,23 @@ def test_dynamic_double_backward(form, multi_chunk):
         return dynamic_module._TapModulatedConv.apply(x, w, s, 2, 1, False)
 
     assert torch.autograd.gradgradcheck(op, (x, weight, tap_last))
+
+
+def test_second_derivatives_finite_at_zero_pixels():
+    """All-zero positions (zero padding of the data, dead ReLUs) must not turn
+    MAML's second-order gradients into NaN through the patch energy."""
+    torch.manual_seed(14)
+    layer = DynamicNSLConv2d(2, 2, hidden=3).double().eval()
+    randomise_meta(layer)
+    x = torch.randn(1, 2, 4, 4, dtype=torch.float64)
+    x[:, :, 1:3, 1:3] = 0.0
+    x.requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda x: layer.similarity(x), (x,))
+    params = dict(layer.named_parameters())
+    loss = layer(x).square().sum()
+    grads = torch.autograd.grad(loss, list(params.values()) + [x], create_graph=True)
+    second = torch.autograd.grad(sum(g.square().sum() for g in grads), list(params.values()))
+    assert all(torch.isfinite(s).all() for s in second)
 
 
 @pytest.mark.parametrize("form", FORMS)

@@ -207,15 +207,11 @@ class DynamicNSLConv2d(NSLConvBase):
         being ``M9[i, j]``.
         """
         x = to_channels_last(x)
-        # Patch energy: a 1-channel box sum of sum_c x**2 (vector_norm fuses the
-        # square and the channel sum in one pass, forward and backward).
-        energy = F.conv2d(
-            torch.linalg.vector_norm(x, dim=1, keepdim=True).square(),
-            self.energy_kernel,
-            None,
-            self.stride,
-            self.padding,
-        )
+        # Patch energy: a 1-channel box sum of sum_c x**2. vecdot is a
+        # polynomial all the way down; vector_norm(x)**2 would be cheaper by
+        # nothing and has NaN second derivatives at all-zero pixels (MAML).
+        squares = torch.linalg.vecdot(x, x, dim=1).unsqueeze(1)
+        energy = F.conv2d(squares, self.energy_kernel, None, self.stride, self.padding)
         h = self.meta_conv(x) * torch.rsqrt(energy + self.energy_eps)
         g = self.meta_out(F.relu(self.meta_bn(h), inplace=True))
         if self.form == "diagonal":
