@@ -65,15 +65,30 @@ def protonet_runs(prefix: str, extra: dict) -> tuple[Run, ...]:
     )
 
 
+NSL_VARIANTS = (
+    ("conv4", {}),
+    ("nsl-static", NSL_STATIC),
+    ("nsl-dynamic", NSL_DYNAMIC),
+    ("nsl-dynamic-h32", NSL_DYNAMIC | {"nsl_hidden": 32}),
+    ("nsl-dynamic-h16", NSL_DYNAMIC | {"nsl_hidden": 16}),
+)
+
+
 SUITES = {
-    "protonet-omniglot": Suite(protonet_runs("protonet-conv4", {})),
+    "protonet-omniglot": Suite(
+        protonet_runs("protonet-conv4", {"train_on_val": True}),
+        note="As Snell et al.: 60-way training episodes (5 queries) with the evaluation shot, on the 1200 train + val "
+        "characters × 4 rotations, Adam 1e-3 halved every 2000 iterations; the last checkpoint is evaluated.",
+    ),
     "nsl-omniglot": Suite(
         tuple(
             Run(f"protonet-{label}-20w5s", PROTONET | extra | {"ways": 20, "shots": 5}, ((20, 1), (20, 5)))
-            for label, extra in (("conv4", {}), ("nsl-static", NSL_STATIC), ("nsl-dynamic", NSL_DYNAMIC))
+            for label, extra in NSL_VARIANTS
         ),
-        note="conv4, static NSL and dynamic NSL (diagonal, h = 64) share recipe (20-way 5-shot 5-query training "
-        "episodes), seed, training iterations and evaluation manifests.",
+        note="conv4, static NSL (diagonal) and dynamic NSL (diagonal; meta-network width h = 64 unless the run name "
+        "says h32/h16) share recipe (20-way 5-shot 5-query training episodes), seed, training iterations and "
+        "evaluation manifests. Training wall times are only comparable between runs made on a quiet machine; "
+        "benchmarks/results/nsl_overhead.md measures speed properly.",
     ),
     "maml-omniglot": Suite(
         (
@@ -114,10 +129,10 @@ def main() -> None:
         for ways, shots in run.evals:
             summary, _ = evaluate_run(EvalRequest(result.run_dir, ways=ways, shots=shots, leaderboard=board, progress=False))
             print(f"{run.name}: {ways}-way {shots}-shot {summary} ({time.perf_counter() - started:.0f} s incl. training)")
-    tabulate(args.suite, suite, board)
+    tabulate(args.suite, suite, board, "python benchmarks/accuracy.py " + " ".join(sys.argv[1:]))
 
 
-def tabulate(name: str, suite: Suite, board: Path) -> None:
+def tabulate(name: str, suite: Suite, board: Path, command: str) -> None:
     frame = pd.read_csv(board)
     names = {run.name for run in suite.runs}
     frame = frame[frame["run_dir"].map(lambda d: Path(d).name in names)]
@@ -135,7 +150,7 @@ def tabulate(name: str, suite: Suite, board: Path) -> None:
         )
     info = machine()
     text = (
-        f"# Accuracy suite `{name}`\n\n`python benchmarks/accuracy.py {name} --episodes N` on {info['cpu_count']} "
+        f"# Accuracy suite `{name}`\n\nLast command: `{command}`, on {info['cpu_count']} "
         f"CPU cores (torch {info['torch']}, device {'cuda' if info['cuda'] else 'cpu'}). {suite.note}\n\n"
         + "\n".join(lines) + "\n"
     )

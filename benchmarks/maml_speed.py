@@ -188,7 +188,8 @@ def memory_bytes(setting: Setting, mode: str, steps: int, device: torch.device, 
         capture_output=True,
         text=True,
         check=True,
-        env={**os.environ, **GLIBC_RETURNS_FREED_MEMORY},
+        # GLIBC_TUNABLES (the fast setting that keeps freed buffers) would override the thresholds.
+        env={**{k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}, **GLIBC_RETURNS_FREED_MEMORY},
     )
     return json.loads(done.stdout.strip().splitlines()[-1])["bytes"]
 

@@ -51,16 +51,23 @@ VARIANTS = {
 WIDTH = 64
 
 
+def layer_multiply_adds(similarity: Similarity, in_channels: int, out_channels: int, positions: int) -> tuple[int, int]:
+    """(plain convolution, NSL extra) multiply-adds of one 3×3 layer over ``positions`` outputs (docstring formula)."""
+    plain = positions * out_channels * in_channels * 9
+    if similarity.kind != "dynamic":
+        return plain, 0
+    taps = 9 if similarity.form == "diagonal" else 81
+    hidden = similarity.hidden
+    return plain, positions * (hidden * in_channels * 9 + taps * hidden * 9 + in_channels * taps)
+
+
 def flop_ratio(similarity: Similarity, image_shape: tuple[int, int, int]) -> float:
-    """Multiply-adds of the NSL Conv-4's 3×3 layers ÷ those of the plain Conv-4 (formula in the docstring)."""
+    """Multiply-adds of the NSL Conv-4's 3×3 layers ÷ those of the plain Conv-4."""
     channels, height, width = image_shape
     plain = extra = 0
     for _ in range(4):
-        grid = height * width
-        plain += grid * WIDTH * channels * 9
-        if similarity.kind == "dynamic":
-            taps = 9 if similarity.form == "diagonal" else 81
-            extra += grid * similarity.hidden * channels * 9 + grid * taps * similarity.hidden * 9 + grid * channels * taps
+        layer_plain, layer_extra = layer_multiply_adds(similarity, channels, WIDTH, height * width)
+        plain, extra = plain + layer_plain, extra + layer_extra
         channels, height, width = WIDTH, height // 2, width // 2
     return (plain + extra) / plain
 

@@ -58,6 +58,7 @@ class RunConfig:
     head: str = "zero"
     vectorise: bool | None = None
     # validation and bookkeeping
+    train_on_val: bool = False
     val_every: int = 500
     val_episodes: int = 200
     val_ways: int | None = None

@@ -64,6 +64,7 @@ def test_bad_input_gives_one_line_errors(workdir: Path, capsys: pytest.CaptureFi
         (["eval", "--run-dir", "nowhere"], "train into it first"),
         (["leaderboard", "--csv", "none.csv"], "evaluate a run first"),
         (["train", "--dataset", "imagenet21k"], "unknown dataset"),
+        (["train", "--protocol", "lake", "--train-on-val"], "has no val split"),
     ]
     for argv, message in cases:
         assert run(argv) == 2
@@ -80,3 +81,13 @@ def test_short_maml_run_on_omniglot_beats_chance(workdir: Path):
     assert row["method"] == "maml" and row["episodes"] == 80
     # 5-way chance is 0.20; 50 meta-iterations of 4 tasks reach ~0.45 (95% CI about ±0.04).
     assert row["acc"] > 0.32, f"MAML reached only {row['acc']:.3f} (chance 0.2)"
+
+
+def test_train_on_val_uses_both_splits_and_keeps_the_last_checkpoint(workdir: Path):
+    # 1028 train + 172 val Vinyals characters x 4 rotations = 4800 classes: a 4200-way task fits only in the union
+    assert run(["train", "--ways", "4200", "--shots", "1", "--queries", "1", "--episodes", "1", "--run-dir", "r"]) == 2
+    assert run(["train", "--train-on-val", "--ways", "4200", "--shots", "1", "--queries", "1", "--episodes", "1",
+                "--run-dir", "runs/tv", "--no-progress"]) == 0  # fmt: skip
+    metrics = pd.read_csv(workdir / "runs" / "tv" / "metrics.csv")
+    assert set(metrics["split"]) == {"train"}
+    assert (workdir / "runs" / "tv" / "best.pt").exists()

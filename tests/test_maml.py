@@ -16,10 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewshot_nsl.backbones import build_backbone
+from fewshot_nsl.engine.evaluator import for_inference
 from fewshot_nsl.episodes.episode import Episode
 from fewshot_nsl.errors import UserError
 from fewshot_nsl.learners.base import FewShotLearner
 from fewshot_nsl.learners.maml import MAML, _batch_norm
+from fewshot_nsl.learners.protonet import ProtoNet
 from fewshot_nsl.nsl import DynamicNSLConv2d, StaticNSLConv2d
 
 F64 = torch.float64
@@ -432,6 +434,24 @@ def test_nsl_backbones_get_meta_gradients_everywhere(kind: str, form: str, monke
         assert "M" in names if kind == "static" else any(name.startswith("meta_") for name in names)
         for name in names:
             assert grads_v[f"{prefix}.{name}"].abs().sum() > 0, f"no meta-gradient reaches {prefix}.{name}"
+
+
+def test_evaluation_keeps_static_nsl_unfolded_for_maml_and_folds_it_for_protonet() -> None:
+    """MAML's inner loop adapts M, so the evaluator must hand it the layers as trained."""
+    generator = torch.Generator().manual_seed(23)
+    learner = MAML(nsl_backbone("static", "full", generator), inner_steps=2, head="learned", ways=2, generator=generator)
+    with torch.no_grad():
+        for module in learner.modules():
+            if isinstance(module, StaticNSLConv2d):
+                module.M.add_(0.1 * torch.randn(module.M.shape, generator=generator))
+    episode = make_episode(generator, 2, 1, 3, (1, 8, 8), torch.float32)
+    inference = for_inference(learner.eval())
+    assert inference is learner and any(isinstance(m, StaticNSLConv2d) for m in inference.modules())
+    logits = inference.fit(episode.support_images, episode.support_labels, 2)(episode.query_images)
+    assert logits.shape == (6, 2) and torch.isfinite(logits).all()
+
+    protonet = for_inference(ProtoNet(nsl_backbone("static", "full", generator)).eval())
+    assert not any(isinstance(m, StaticNSLConv2d) for m in protonet.modules())
 
 
 # ----- errors -------------------------------------------------------------------------

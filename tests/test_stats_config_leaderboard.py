@@ -1,12 +1,15 @@
 """CI formula, config loading/validation and the leaderboard file."""
 
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from fewshot_nsl.config import RunConfig, load_config
+from fewshot_nsl.data.registry import dataset_spec
 from fewshot_nsl.errors import UserError
+from fewshot_nsl.learners import build_learner
 from fewshot_nsl.results import leaderboard
 from fewshot_nsl.results.stats import confidence_interval
 
@@ -52,6 +55,22 @@ def test_resolve_fills_recipe_defaults_per_dataset():
         RunConfig(method="knn").resolve()
     with pytest.raises(UserError, match="shots must be >= 1"):
         RunConfig(shots=0).resolve()
+
+
+SHIPPED_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.stem)
+def test_every_shipped_config_loads_and_builds(path: Path):
+    config = load_config(path).resolve()
+    spec = dataset_spec(config.dataset)
+    channels = 1 if config.dataset == "omniglot" else 3
+    learner = build_learner(config, (channels, spec.image_size, spec.image_size))
+    assert sum(p.numel() for p in learner.parameters()) > 10_000
+
+
+def test_shipped_configs_exist():
+    assert len(SHIPPED_CONFIGS) >= 7
 
 
 def row(acc, **extra):

@@ -50,6 +50,7 @@ OPTIONS: list[tuple[str, object, str]] = [
     ("--anil", "store_true", "adapt only the head in the inner loop (ANIL)"),
     ("--head", ("zero", "learned"), "MAML head: zero-initialised per episode (default) or meta-learned"),
     ("--vectorise", _flag, "MAML: vmap the meta-batch over tasks, true/false (default true on CUDA, false on CPU)"),
+    ("--train-on-val", "store_true", "train on train + val classes (Snell et al.'s final models); no validation, the last checkpoint is used"),
     ("--val-every", int, "validate every this many iterations (default 500)"),
     ("--val-episodes", int, "validation episodes (default 200)"),
     ("--val-ways", int, "validation ways (default: the dataset's evaluation ways)"),

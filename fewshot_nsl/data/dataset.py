@@ -79,3 +79,22 @@ class ImageClassSet:
         mean = torch.tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1)
         return (images.float().div_(255.0) - mean) / std
+
+
+def union(first: ImageClassSet, second: ImageClassSet) -> ImageClassSet:
+    """Both splits' classes as one set (e.g. Omniglot train + val, as Snell et
+    al. train their final models on all 1200 background characters).
+
+    The second split's labels follow the first's; both must share image shape
+    and normalisation, since one network will see them.
+    """
+    if first.image_shape != second.image_shape or first.mean != second.mean or first.std != second.std:
+        raise ValueError(f"cannot join {first.name} and {second.name}: different image shape or normalisation")
+    return ImageClassSet(
+        torch.cat([first.images, second.images]),
+        torch.cat([first.labels, second.labels + first.num_classes]),
+        first.class_names + second.class_names,
+        first.mean,
+        first.std,
+        f"{first.name}+{second.name.rsplit('/', 1)[-1]}",
+    )

@@ -88,6 +88,13 @@ def git_commit() -> str:
     return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
+def for_inference(learner: FewShotLearner) -> FewShotLearner:
+    """Static NSL folded into plain convolutions (zero inference overhead), unless
+    the learner adapts its backbone per episode: MAML's inner loop updates M too,
+    and folding would change what it adapts."""
+    return learner if learner.adapts_backbone else fold_static_nsl(learner)
+
+
 def evaluate_run(request: EvalRequest) -> tuple[Summary, dict]:
     """Evaluate a trained run on fixed test episodes and append the result to the leaderboard."""
     config, state, train_summary = load_run(request.run_dir, request.checkpoint)
@@ -98,7 +105,7 @@ def evaluate_run(request: EvalRequest) -> tuple[Summary, dict]:
     learner = build_learner(config, test_set.image_shape)
     learner.load_state_dict(state)
     parameters = parameter_count(learner)
-    learner = fold_static_nsl(learner).to(device, memory_format=layout)
+    learner = for_inference(learner).to(device, memory_format=layout)
     summary, accuracies = evaluate_learner(learner, test_set, manifest, device, layout, request.progress)
 
     per_episode = request.run_dir / "eval" / f"{manifest.spec.name}.csv"

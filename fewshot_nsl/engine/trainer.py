@@ -12,11 +12,13 @@ from tqdm import tqdm
 
 from fewshot_nsl.backbones import parameter_count
 from fewshot_nsl.config import RunConfig
+from fewshot_nsl.data.dataset import union
 from fewshot_nsl.data.registry import dataset_spec, load_split, resolve_protocol
 from fewshot_nsl.engine.checkpoint import BEST, LAST, METRICS_FILE, prepare_run_dir, save_atomically, write_summary
 from fewshot_nsl.engine.evaluator import evaluate_learner
 from fewshot_nsl.episodes.manifest import ManifestSpec, draw
 from fewshot_nsl.episodes.sampler import EpisodeSampler, check_task_fits
+from fewshot_nsl.errors import UserError
 from fewshot_nsl.learners import FewShotLearner, build_learner
 from fewshot_nsl.runtime import memory_format, resolve_device, seeded
 
@@ -53,10 +55,14 @@ def train(config: RunConfig, overwrite: bool = False, progress: bool = True) -> 
     spec = dataset_spec(config.dataset)
 
     train_set = load_split(config.dataset, "train", protocol, config.data_root, config.image_size)
-    check_task_fits(train_set, config.ways, config.shots, config.queries)
     val_set = None
     if protocol != "lake":
         val_set = load_split(config.dataset, "val", protocol, config.data_root, config.image_size)
+    if config.train_on_val:
+        if val_set is None:
+            raise UserError(f"--train-on-val: the {protocol} protocol of {config.dataset} has no val split")
+        train_set, val_set = union(train_set, val_set), None
+    check_task_fits(train_set, config.ways, config.shots, config.queries)
     val_spec = ManifestSpec(
         config.dataset, protocol, "val", config.val_ways or spec.eval_ways, config.val_shots or config.shots,
         spec.eval_queries, config.val_episodes, seed=config.seed,

@@ -29,6 +29,11 @@ class BatchResult:
 class FewShotLearner(nn.Module, abc.ABC):
     """Base class: ``fit(support)`` then ``forward(query) -> logits``."""
 
+    # Whether ``fit`` updates the backbone's parameters (MAML's inner loop).
+    # Such a learner must meet its parameters as trained: static NSL layers are
+    # then not folded for evaluation, since the inner loop adapts M itself.
+    adapts_backbone: bool = False
+
     def __init__(self, backbone: nn.Module):
         super().__init__()
         self.backbone = backbone

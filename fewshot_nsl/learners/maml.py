@@ -98,6 +98,8 @@ class MAML(FewShotLearner):
     ``torch.func.grad`` ignores an enclosing ``no_grad``.
     """
 
+    adapts_backbone = True
+
     def __init__(
         self,
         backbone: nn.Module,

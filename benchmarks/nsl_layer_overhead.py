@@ -1,0 +1,135 @@
+"""Cost of one NSL layer: forward+backward ÷ a plain 64→64 3×3 convolution, same process.
+
+Where ``nsl_overhead.py`` times whole Conv-4 episodes, this isolates a single
+layer at the shapes Conv-4 gives it (Omniglot 20w5s5q, 200 images: the 64-channel
+layers at 14×14 and 7×7; Mini-ImageNet 5w5s15q, 100 images: 42×42 and 21×21), and
+splits dynamic NSL into its two parts, so the report shows where the time goes:
+
+* ``meta-network``: ``similarity(x)`` alone (patch energy, conv C→h, BatchNorm,
+  ReLU, conv h→k² or k⁴);
+* ``modulated conv``: the tap-modulated convolution with a fixed similarity
+  (the part whose FLOPs equal the plain convolution's plus the modulation).
+
+Variants are timed alternately over several rounds and medians compared. The
+FLOP ratio is the per-layer formula of ``nsl_overhead.py``.
+
+    python benchmarks/nsl_layer_overhead.py     # about two minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import machine, write_results  # noqa: E402
+from benchmarks.nsl_overhead import layer_multiply_adds  # noqa: E402
+from fewshot_nsl.backbones.similarity import Similarity  # noqa: E402
+from fewshot_nsl.nsl import DynamicNSLConv2d  # noqa: E402
+from fewshot_nsl.nsl.dynamic import _TapModulatedConv  # noqa: E402
+from fewshot_nsl.runtime import FAST_MALLOC, seeded  # noqa: E402
+
+CHANNELS = 64
+SHAPES = {"omniglot 14×14 ×200": (200, 14), "omniglot 7×7 ×200": (200, 7),
+          "mini 42×42 ×100": (100, 42), "mini 21×21 ×100": (100, 21)}  # fmt: skip
+VARIANTS = {
+    "static-diagonal": Similarity("static", "diagonal"),
+    "dynamic-diagonal-h16": Similarity("dynamic", "diagonal", 16),
+    "dynamic-diagonal-h32": Similarity("dynamic", "diagonal", 32),
+    "dynamic-diagonal-h64": Similarity("dynamic", "diagonal", 64),
+    "dynamic-full-h64": Similarity("dynamic", "full", 64),
+}
+
+
+def forward_backward(module: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Callable[[], None]:
+    def step() -> None:
+        module(x).sum().backward()
+
+    return step
+
+
+def modulated_only(layer: DynamicNSLConv2d, x: torch.Tensor) -> Callable[[], None]:
+    """The tap-modulated convolution with the layer's similarity precomputed (no meta-network)."""
+    with torch.no_grad():
+        sim = layer.similarity(x)
+    tap_last = (sim.permute(0, 2, 3, 1) if layer.form == "diagonal" else sim.permute(0, 3, 4, 1, 2)).requires_grad_()
+
+    def step() -> None:
+        _TapModulatedConv.apply(x, layer.weight, tap_last, layer.stride, layer.padding, True).sum().backward()
+
+    return step
+
+
+def meta_only(layer: DynamicNSLConv2d, x: torch.Tensor) -> Callable[[], None]:
+    def step() -> None:
+        layer.similarity(x).sum().backward()
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    rows = []
+    for shape_name, (batch, side) in SHAPES.items():
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(batch, CHANNELS, side, side, generator=generator).to(memory_format=torch.channels_last)
+        x.requires_grad_()
+        with seeded(0):
+            plain = nn.Conv2d(CHANNELS, CHANNELS, 3, 1, 1, bias=False).to(memory_format=torch.channels_last)
+            layers = {name: sim.conv3x3(CHANNELS, CHANNELS).to(memory_format=torch.channels_last)
+                      for name, sim in VARIANTS.items()}  # fmt: skip
+        steps: dict[str, Callable[[], None]] = {"conv": forward_backward(plain, x)}
+        for name, layer in layers.items():
+            steps[name] = forward_backward(layer, x)
+            if isinstance(layer, DynamicNSLConv2d):
+                steps[f"{name}: meta-network"] = meta_only(layer, x)
+                steps[f"{name}: modulated conv"] = modulated_only(layer, x)
+        times: dict[str, list[float]] = {name: [] for name in steps}
+        for step in steps.values():  # warm-up
+            step()
+        for _ in range(args.rounds):
+            for name, step in steps.items():
+                start = time.perf_counter()
+                for _ in range(args.repeats):
+                    step()
+                times[name].append((time.perf_counter() - start) / args.repeats)
+        base = statistics.median(times["conv"])
+        for name in steps:
+            variant = VARIANTS.get(name.split(":")[0], Similarity("conv"))
+            plain_macs, extra = layer_multiply_adds(variant, CHANNELS, CHANNELS, batch * side * side)
+            whole_layer = ":" not in name
+            rows.append({
+                "shape": shape_name, "variant": name, "ms": 1000 * statistics.median(times[name]),
+                "ratio": statistics.median(times[name]) / base,
+                "flop_ratio": (plain_macs + extra) / plain_macs if whole_layer else None,
+            })  # fmt: skip
+    lines = ["| layer input | variant | fwd+bwd ms | ÷ plain conv | FLOP ratio | ratio ÷ FLOP ratio |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        flop = f"{r['flop_ratio']:.2f}×" if r["flop_ratio"] else ""
+        over = f"{r['ratio'] / r['flop_ratio']:.2f}" if r["flop_ratio"] else ""
+        lines.append(f"| {r['shape']} | {r['variant']} | {r['ms']:.1f} | {r['ratio']:.2f}× | {flop} | {over} |")
+    info = machine()
+    text = (
+        "# NSL per-layer overhead, 64→64 3×3, CPU\n\n"
+        f"`python benchmarks/nsl_layer_overhead.py` — {args.rounds} alternating rounds × {args.repeats} repeats, "
+        f"medians; {info['cpu_count']} cores, {info['threads']} threads, torch {info['torch']}, channels_last, "
+        f"GLIBC_TUNABLES {'set' if info['glibc_tunables'] == FAST_MALLOC else 'not set'}. Forward + backward "
+        "(input, weight and similarity gradients) against `nn.Conv2d` in the same run. The `meta-network` and "
+        "`modulated conv` rows split the dynamic layer into its two halves.\n\n" + "\n".join(lines) + "\n"
+    )
+    write_results("nsl_layer_overhead", {"machine": info, "rounds": args.rounds, "repeats": args.repeats, "rows": rows}, text)
+
+
+if __name__ == "__main__":
+    main()
