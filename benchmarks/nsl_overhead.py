@@ -9,10 +9,17 @@ plain convolutions, as ``fewshot-nsl eval`` does), for plain Conv-4, static NSL
 and the medians compared, so machine noise hits all of them alike.
 
 Dynamic NSL has a FLOP floor of its own: per 3×3 layer with C inputs, O outputs
-and an Ho×Wo output grid, the main convolution costs Ho·Wo·O·C·9 multiply-adds;
+and an Ho×Wo output grid, the main convolution costs F = Ho·Wo·O·C·9 multiply-adds;
 the meta-network adds Ho·Wo·h·C·9 (first conv) + Ho·Wo·T·h·9 (second conv, T = 9
 diagonal or 81 full), and applying M costs Ho·Wo·C·9 (diagonal) or Ho·Wo·C·81
-(full). The reported FLOP ratio sums these over the four layers.
+(full). The *forward* FLOP ratio sums these over the four layers; it is the floor
+for evaluation. Training also runs the backward, where every convolution is paid
+again for its weight gradient and, except on the images, for its input gradient,
+and dynamic NSL pays one contraction more: the similarity gradient
+``dL/dm[p,t] = sum_{o,c} dL/dy[p,o] · w[o,c,t] · x[p+δ_t,c]`` is convolution-sized
+(F multiply-adds in either contraction order), a term the plain convolution does
+not have. The *training* FLOP ratio counts forward + backward that way and is the
+floor for a training episode; both are reported.
 
     python benchmarks/nsl_overhead.py            # a few minutes on 2 cores
     python benchmarks/nsl_overhead.py --quick
@@ -51,22 +58,40 @@ VARIANTS = {
 WIDTH = 64
 
 
-def layer_multiply_adds(similarity: Similarity, in_channels: int, out_channels: int, positions: int) -> tuple[int, int]:
-    """(plain convolution, NSL extra) multiply-adds of one 3×3 layer over ``positions`` outputs (docstring formula)."""
-    plain = positions * out_channels * in_channels * 9
+def layer_multiply_adds(
+    similarity: Similarity, in_channels: int, out_channels: int, positions: int,
+    training: bool = False, input_grad: bool = True,
+) -> tuple[int, int]:
+    """(plain convolution, NSL extra) multiply-adds of one 3×3 layer over ``positions`` outputs.
+
+    Forward only, or with ``training`` forward + backward (docstring formula):
+    ``input_grad`` is false for the first layer, whose input (the images) needs
+    no gradient.
+    """
+    conv = positions * out_channels * in_channels * 9
+    passes = 2 + input_grad if training else 1  # forward, weight gradient, input gradient
     if similarity.kind != "dynamic":
-        return plain, 0
+        return conv * passes, 0
     taps = 9 if similarity.form == "diagonal" else 81
     hidden = similarity.hidden
-    return plain, positions * (hidden * in_channels * 9 + taps * hidden * 9 + in_channels * taps)
+    meta_first = positions * hidden * in_channels * 9
+    meta_second = positions * taps * hidden * 9
+    modulation = positions * in_channels * taps
+    if not training:
+        return conv, meta_first + meta_second + modulation
+    # Backward extras: the similarity gradient (one convolution), the meta-network's
+    # own gradients (its hidden activations always need one) and the modulation twice.
+    return conv * passes, conv + meta_first * passes + meta_second * 3 + modulation * 3
 
 
-def flop_ratio(similarity: Similarity, image_shape: tuple[int, int, int]) -> float:
+def flop_ratio(similarity: Similarity, image_shape: tuple[int, int, int], training: bool = False) -> float:
     """Multiply-adds of the NSL Conv-4's 3×3 layers ÷ those of the plain Conv-4."""
     channels, height, width = image_shape
     plain = extra = 0
-    for _ in range(4):
-        layer_plain, layer_extra = layer_multiply_adds(similarity, channels, WIDTH, height * width)
+    for layer in range(4):
+        layer_plain, layer_extra = layer_multiply_adds(
+            similarity, channels, WIDTH, height * width, training=training, input_grad=layer > 0
+        )
         plain, extra = plain + layer_plain, extra + layer_extra
         channels, height, width = WIDTH, height // 2, width // 2
     return (plain + extra) / plain
@@ -129,20 +154,22 @@ def main() -> None:
         base_train, base_eval = statistics.median(train_times["conv"]), statistics.median(eval_times["conv"])
         for name, similarity in VARIANTS.items():
             train_s, eval_s = statistics.median(train_times[name]), statistics.median(eval_times[name])
-            flops = flop_ratio(similarity, shape)
+            forward_flops, training_flops = flop_ratio(similarity, shape), flop_ratio(similarity, shape, training=True)
             rows.append({
                 "input": input_name, "variant": name, "train_s": train_s, "eval_s": eval_s,
-                "train_ratio": train_s / base_train, "eval_ratio": eval_s / base_eval, "flop_ratio": flops,
-                "train_ratio_over_flop_ratio": train_s / base_train / flops,
+                "train_ratio": train_s / base_train, "eval_ratio": eval_s / base_eval,
+                "forward_flop_ratio": forward_flops, "training_flop_ratio": training_flops,
             })  # fmt: skip
     lines = [
-        "| input | variant | train s/episode | train ratio | eval ratio | FLOP ratio | train ratio ÷ FLOP ratio |",
-        "|---|---|---|---|---|---|---|",
+        "| input | variant | train s/episode | train ratio | training FLOP ratio | train ÷ training FLOPs "
+        "| eval ratio | forward FLOP ratio | eval ÷ forward FLOPs |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['input']} | {r['variant']} | {r['train_s']:.3f} | {r['train_ratio']:.2f}× | {r['eval_ratio']:.2f}× | "
-            f"{r['flop_ratio']:.2f}× | {r['train_ratio_over_flop_ratio']:.2f} |"
+            f"| {r['input']} | {r['variant']} | {r['train_s']:.3f} | {r['train_ratio']:.2f}× | "
+            f"{r['training_flop_ratio']:.2f}× | {r['train_ratio'] / r['training_flop_ratio']:.2f} | "
+            f"{r['eval_ratio']:.2f}× | {r['forward_flop_ratio']:.2f}× | {r['eval_ratio'] / r['forward_flop_ratio']:.2f} |"
         )
     info = machine()
     text = (
@@ -150,7 +177,8 @@ def main() -> None:
         f"`python benchmarks/nsl_overhead.py` — {rounds} alternating rounds × {repeats} repeats, medians; "
         f"{info['cpu_count']} cores, {info['threads']} threads, torch {info['torch']}, channels_last, "
         f"GLIBC_TUNABLES {'set' if info['glibc_tunables'] == FAST_MALLOC else 'not set'}. Ratios are against plain Conv-4 "
-        "in the same run. Training = ProtoNet episode forward+backward; evaluation = forward with static NSL folded.\n\n"
+        "in the same run. Training = ProtoNet episode forward+backward; evaluation = forward with static NSL folded. "
+        "FLOP ratios count the four 3×3 layers (forward, or forward + backward: see the script's docstring).\n\n"
         + "\n".join(lines) + "\n"
     )
     write_results("nsl_overhead", {"machine": info, "rounds": rounds, "repeats": repeats, "rows": rows}, text)

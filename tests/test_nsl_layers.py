@@ -13,6 +13,10 @@ import fewshot_nsl.nsl.dynamic as dynamic_module
 from fewshot_nsl.nsl import DynamicNSLConv2d, StaticNSLConv2d, fold_static_nsl
 
 FORMS = ["diagonal", "full"]
+# Dynamic NSL's two implementations: the chunked patch path (every full form, and
+# diagonal layers with many input channels) and the planes path that diagonal
+# layers with few input channels take. Tests force each with ``use_path``.
+DYNAMIC_PATHS = [("diagonal", "patches"), ("diagonal", "planes"), ("full", "patches")]
 GEOMETRIES = [(1, 0), (1, 1), (2, 0), (2, 1)]  # (stride, padding)
 
 
@@ -60,6 +64,11 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def use_path(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    """Route diagonal dynamic layers of any width through ``path``."""
+    monkeypatch.setattr(dynamic_module, "_PLANES_MAX_CHANNELS", 1 << 30 if path == "planes" else 0)
 
 
 @pytest.fixture
@@ -154,9 +163,10 @@ def test_regularization_loss():
 # ---------------------------------------------------------------- dynamic NSL
 
 
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form,path", DYNAMIC_PATHS)
 @pytest.mark.parametrize("stride,padding", GEOMETRIES)
-def test_dynamic_matches_brute_force(form, stride, padding):
+def test_dynamic_matches_brute_force(form, path, stride, padding, monkeypatch):
+    use_path(monkeypatch, path)
     torch.manual_seed(5)
     layer = DynamicNSLConv2d(2, 3, stride=stride, padding=padding, bias=True, form=form, hidden=4).double()
     randomise_meta(layer)
@@ -166,9 +176,10 @@ def test_dynamic_matches_brute_force(form, stride, padding):
     torch.testing.assert_close(layer(x), expected, atol=1e-10, rtol=1e-10)
 
 
-@pytest.mark.parametrize("form", FORMS)
-def test_dynamic_forward_uses_similarity(form, monkeypatch, multi_chunk):
+@pytest.mark.parametrize("form,path", DYNAMIC_PATHS)
+def test_dynamic_forward_uses_similarity(form, path, monkeypatch, multi_chunk):
     """Swap ``similarity`` for an arbitrary field: forward must follow it."""
+    use_path(monkeypatch, path)
     torch.manual_seed(6)
     layer = DynamicNSLConv2d(2, 3, stride=2, padding=1, form=form, hidden=4).double()
     x = torch.randn(3, 2, 5, 6, dtype=torch.float64)
@@ -179,9 +190,11 @@ def test_dynamic_forward_uses_similarity(form, monkeypatch, multi_chunk):
     torch.testing.assert_close(layer(x), expected, atol=1e-10, rtol=1e-10)
 
 
-@pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("chunked", [False, True])
-def test_dynamic_gradcheck(form, chunked, monkeypatch):
+@pytest.mark.parametrize(
+    "form,path,chunked", [(f, p, False) for f, p in DYNAMIC_PATHS] + [("diagonal", "patches", True), ("full", "patches", True)]
+)
+def test_dynamic_gradcheck(form, path, chunked, monkeypatch):
+    use_path(monkeypatch, path)
     if chunked:
         monkeypatch.setattr(dynamic_module, "_CPU_CHUNK_ELEMENTS", 1)
     torch.manual_seed(7)
@@ -200,6 +213,38 @@ def test_dynamic_gradcheck(form, chunked, monkeypatch):
         return functional_call(layer, dict(zip(names, tensors)), (x,))
 
     assert torch.autograd.gradcheck(run, (x, *[params[n] for n in names]))
+
+
+def test_few_channel_diagonal_layers_take_the_planes_path(monkeypatch):
+    def patch_path_called(*args):
+        raise AssertionError("the patch path ran")
+
+    monkeypatch.setattr(dynamic_module._TapModulatedConv, "apply", patch_path_called)
+    few = dynamic_module._PLANES_MAX_CHANNELS
+    DynamicNSLConv2d(few, 4, hidden=3)(torch.randn(2, few, 6, 6))
+    with pytest.raises(AssertionError, match="patch path"):
+        DynamicNSLConv2d(few + 1, 4, hidden=3)(torch.randn(2, few + 1, 6, 6))
+    with pytest.raises(AssertionError, match="patch path"):
+        DynamicNSLConv2d(1, 4, hidden=3, form="full")(torch.randn(2, 1, 6, 6))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_planes_and_patches_paths_agree(stride, monkeypatch):
+    """At a realistic size in float32 both diagonal paths give the same output and gradients."""
+    torch.manual_seed(16)
+    layer = DynamicNSLConv2d(3, 16, stride=stride, hidden=8)
+    randomise_meta(layer)
+    x = torch.randn(4, 3, 21, 20).contiguous(memory_format=torch.channels_last)
+    results = {}
+    for path in ("patches", "planes"):
+        use_path(monkeypatch, path)
+        layer.zero_grad()
+        x_grad = x.clone().requires_grad_()
+        y = layer(x_grad)
+        y.square().sum().backward()
+        results[path] = (y, x_grad.grad, *[p.grad.clone() for p in layer.parameters()])
+    for patches_result, planes_result in zip(results["patches"], results["planes"]):
+        torch.testing.assert_close(planes_result, patches_result, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -276,8 +321,9 @@ def test_gradients_reach_every_parameter(form):
             assert param.grad is not None and param.grad.abs().sum() > 0, name
 
 
-@pytest.mark.parametrize("form", FORMS)
-def test_channels_last_input(form, multi_chunk):
+@pytest.mark.parametrize("form,path", DYNAMIC_PATHS)
+def test_channels_last_input(form, path, multi_chunk, monkeypatch):
+    use_path(monkeypatch, path)
     torch.manual_seed(11)
     x = torch.randn(3, 4, 7, 7)
     x_cl = x.contiguous(memory_format=torch.channels_last)
@@ -303,9 +349,9 @@ def _task_params(layer: nn.Module, tasks: int) -> dict[str, torch.Tensor]:
     return {n: p.detach() + 0.1 * torch.randn(tasks, *p.shape) for n, p in layer.named_parameters()}
 
 
-@pytest.mark.parametrize("layer_type", ["static", "dynamic"])
-@pytest.mark.parametrize("form", FORMS)
-def test_vmap_over_tasks_matches_loop(layer_type, form, multi_chunk):
+@pytest.mark.parametrize("layer_type,form,path", [("static", f, "patches") for f in FORMS] + [("dynamic", *fp) for fp in DYNAMIC_PATHS])
+def test_vmap_over_tasks_matches_loop(layer_type, form, path, multi_chunk, monkeypatch):
+    use_path(monkeypatch, path)
     torch.manual_seed(12)
     if layer_type == "static":
         layer: nn.Module = StaticNSLConv2d(2, 3, form=form)
@@ -333,14 +379,15 @@ def test_vmap_over_tasks_matches_loop(layer_type, form, multi_chunk):
             torch.testing.assert_close(batched_grads[n][t], g_t[n], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("form", FORMS)
-def test_vmapped_maml_step_second_order(form):
+@pytest.mark.parametrize("form,path", DYNAMIC_PATHS)
+def test_vmapped_maml_step_second_order(form, path, monkeypatch):
     """One inner SGD step per task under vmap, outer gradient through it.
 
     BatchNorm runs in eval mode here: with batch statistics, torch.func's
     batch-norm double backward under vmap is itself wrong for the weights
     feeding BatchNorm (a PyTorch issue, reproducible with plain nn.Conv2d).
     """
+    use_path(monkeypatch, path)
     torch.manual_seed(13)
     layer = DynamicNSLConv2d(2, 3, form=form, hidden=4).double().eval()
     randomise_meta(layer)

@@ -12,7 +12,9 @@ applied to the *input* patches instead: for each chunk of samples the patches
 and multiplied by the kernel (one GEMM, the convolution's own FLOPs). A custom
 autograd function recomputes the patches chunk by chunk in backward instead of
 saving them, so the ``k**2``-times-larger patch tensor never leaves the CPU
-cache: DRAM traffic stays that of a plain convolution.
+cache: DRAM traffic stays that of a plain convolution. Layers with few input
+channels (the stem on images) take a second route for the diagonal form,
+:func:`_planes_modulated_conv`, because the patch path's loops are too thin there.
 """
 
 from __future__ import annotations
@@ -140,7 +142,7 @@ class _TapModulatedConv(torch.autograd.Function):
             if diagonal:
                 grad_mod = grad_mod.view(n, out_h, out_w, k, k, channels)
                 if need_sim:
-                    grad_sim_parts.append((grad_mod * patches).sum(-1).view(n, out_h, out_w, k * k))
+                    grad_sim_parts.append(torch.linalg.vecdot(grad_mod, patches).view(n, out_h, out_w, k * k))
                 if need_x:
                     grad_pad = fold_tap_patches(grad_mod, x_pad.shape[1], x_pad.shape[2], stride, gain=operand)
             else:
@@ -159,6 +161,33 @@ class _TapModulatedConv(torch.autograd.Function):
         if grad_w is not None:
             grad_w = grad_w.view(out_channels, k, k, channels).permute(0, 3, 1, 2)
         return grad_x, grad_w, grad_sim, None, None, None
+
+
+def _planes_modulated_conv(
+    x: torch.Tensor, weight: torch.Tensor, gain: torch.Tensor, stride: int, padding: int
+) -> torch.Tensor:
+    """Diagonal tap-modulated convolution for layers with few input channels (a stem).
+
+    With ``C <= _PLANES_MAX_CHANNELS`` the chunked path's elementwise loops run
+    over only ``C`` contiguous values and its GEMMs have ``k*k*C <= 36`` columns,
+    both slow. Here the patches are unfolded channel-major, ``(C, k*k, L)``, so
+    the modulation runs along whole rows of positions; the modulated patches
+    (at most 36 values per position, cheap to keep) then meet the kernel in a
+    1x1 convolution that oneDNN runs far better than a thin GEMM. Plain
+    differentiable ops: autograd supplies backward, double backward and vmap.
+    ``gain`` is (B, k*k, Ho, Wo); the output is channels_last (B, O, Ho, Wo).
+    """
+    batch, channels = x.shape[0], x.shape[1]
+    out_channels, _, k, _ = weight.shape
+    out_h, out_w = gain.shape[2], gain.shape[3]
+    patches = F.unfold(x, k, padding=padding, stride=stride).view(batch, channels, k * k, out_h * out_w)
+    modulated = (patches * gain.reshape(batch, 1, k * k, out_h * out_w)).view(batch, -1, out_h, out_w)
+    return F.conv2d(to_channels_last(modulated), weight.reshape(out_channels, -1, 1, 1))
+
+
+# Input channels up to which the diagonal form takes :func:`_planes_modulated_conv`
+# (measured: at C = 1 and 3 it is 2-4x faster than the chunked path, at C = 8 even).
+_PLANES_MAX_CHANNELS = 4
 
 
 class DynamicNSLConv2d(NSLConvBase):
@@ -225,6 +254,10 @@ class DynamicNSLConv2d(NSLConvBase):
         # the output still comes back in the caller's layout.
         x = to_channels_last(x)
         sim = self.similarity(x)
+        if self.form == "diagonal" and self.in_channels <= _PLANES_MAX_CHANNELS:
+            y = _planes_modulated_conv(x, self.weight, sim, self.stride, self.padding)
+            y = y if nhwc_out else y.contiguous()
+            return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
         tap_last = sim.permute(0, 2, 3, 1) if self.form == "diagonal" else sim.permute(0, 3, 4, 1, 2)
         y = _TapModulatedConv.apply(x, self.weight, tap_last, self.stride, self.padding, nhwc_out)
         if self.bias is not None:
