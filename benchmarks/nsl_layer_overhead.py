@@ -1,14 +1,19 @@
-"""Cost of one NSL layer: forward+backward ÷ a plain 64→64 3×3 convolution, same process.
+"""Cost of one NSL layer: forward+backward ÷ a plain 3×3 convolution, same process.
 
 Where ``nsl_overhead.py`` times whole Conv-4 episodes, this isolates a single
-layer at the shapes Conv-4 gives it (Omniglot 20w5s5q, 200 images: the 64-channel
-layers at 14×14 and 7×7; Mini-ImageNet 5w5s15q, 100 images: 42×42 and 21×21), and
-splits dynamic NSL into its two parts, so the report shows where the time goes:
+layer at the shapes Conv-4 gives it (Omniglot 20w5s5q, 200 images: the stem on
+1×28×28 images, the 64-channel layers at 14×14 and 7×7; Mini-ImageNet 5w5s15q,
+100 images: the stem on 3×84×84, then 42×42 and 21×21), and splits dynamic NSL
+into its two parts, so the report shows where the time goes:
 
 * ``meta-network``: ``similarity(x)`` alone (patch energy, conv C→h, BatchNorm,
   ReLU, conv h→k² or k⁴);
 * ``modulated conv``: the tap-modulated convolution with a fixed similarity
-  (the part whose FLOPs equal the plain convolution's plus the modulation).
+  (the part whose FLOPs equal the plain convolution's plus the modulation), by
+  the path the layer takes; stems also time the other path of the diagonal form
+  (``patch path``), to show why they take the planes path.
+
+Stems get no input gradient (their input is the images), like in training.
 
 Variants are timed alternately over several rounds and medians compared. The
 FLOP ratio is the per-layer training formula of ``nsl_overhead.py`` (forward +
@@ -35,12 +40,13 @@ from benchmarks.common import machine, write_results  # noqa: E402
 from benchmarks.nsl_overhead import layer_multiply_adds  # noqa: E402
 from fewshot_nsl.backbones.similarity import Similarity  # noqa: E402
 from fewshot_nsl.nsl import DynamicNSLConv2d  # noqa: E402
-from fewshot_nsl.nsl.dynamic import _TapModulatedConv  # noqa: E402
+from fewshot_nsl.nsl.dynamic import _PLANES_MAX_CHANNELS, _planes_modulated_conv, _TapModulatedConv  # noqa: E402
 from fewshot_nsl.runtime import FAST_MALLOC, seeded  # noqa: E402
 
 CHANNELS = 64
-SHAPES = {"omniglot 14×14 ×200": (200, 14), "omniglot 7×7 ×200": (200, 7),
-          "mini 42×42 ×100": (100, 42), "mini 21×21 ×100": (100, 21)}  # fmt: skip
+SHAPES = {"omniglot stem 1×28×28 ×200": (200, 28, 1), "omniglot 14×14 ×200": (200, 14, CHANNELS),
+          "omniglot 7×7 ×200": (200, 7, CHANNELS), "mini stem 3×84×84 ×100": (100, 84, 3),
+          "mini 42×42 ×100": (100, 42, CHANNELS), "mini 21×21 ×100": (100, 21, CHANNELS)}  # fmt: skip
 VARIANTS = {
     "static-diagonal": Similarity("static", "diagonal"),
     "dynamic-diagonal-h16": Similarity("dynamic", "diagonal", 16),
@@ -50,30 +56,36 @@ VARIANTS = {
 }
 
 
-def forward_backward(module: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Callable[[], None]:
+def forward_backward(forward: Callable[[], torch.Tensor], generator: torch.Generator) -> Callable[[], None]:
+    """A step: ``forward()`` and its backward from a fixed dense random gradient.
+
+    The gradient is laid out like the output, as BatchNorm's backward hands it
+    to a layer in training; ``.sum().backward()`` would hand it a stride-0
+    tensor, on which oneDNN's 1×1 convolution backward (the planes path) is
+    two orders of magnitude slower than on a real gradient.
+    """
+    with torch.no_grad():
+        upstream = torch.empty_like(forward()).normal_(generator=generator)
+
     def step() -> None:
-        module(x).sum().backward()
+        forward().backward(upstream)
 
     return step
 
 
-def modulated_only(layer: DynamicNSLConv2d, x: torch.Tensor) -> Callable[[], None]:
+def takes_planes_path(layer: DynamicNSLConv2d) -> bool:
+    return layer.form == "diagonal" and layer.in_channels <= _PLANES_MAX_CHANNELS
+
+
+def modulated_only(layer: DynamicNSLConv2d, x: torch.Tensor, planes: bool) -> Callable[[], torch.Tensor]:
     """The tap-modulated convolution with the layer's similarity precomputed (no meta-network)."""
     with torch.no_grad():
         sim = layer.similarity(x)
+    if planes:
+        gain = sim.requires_grad_()
+        return lambda: _planes_modulated_conv(x, layer.weight, gain, layer.stride, layer.padding)
     tap_last = (sim.permute(0, 2, 3, 1) if layer.form == "diagonal" else sim.permute(0, 3, 4, 1, 2)).requires_grad_()
-
-    def step() -> None:
-        _TapModulatedConv.apply(x, layer.weight, tap_last, layer.stride, layer.padding, True).sum().backward()
-
-    return step
-
-
-def meta_only(layer: DynamicNSLConv2d, x: torch.Tensor) -> Callable[[], None]:
-    def step() -> None:
-        layer.similarity(x).sum().backward()
-
-    return step
+    return lambda: _TapModulatedConv.apply(x, layer.weight, tap_last, layer.stride, layer.padding, True)
 
 
 def main() -> None:
@@ -82,20 +94,25 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     rows = []
-    for shape_name, (batch, side) in SHAPES.items():
+    for shape_name, (batch, side, in_channels) in SHAPES.items():
+        stem = in_channels != CHANNELS
         generator = torch.Generator().manual_seed(0)
-        x = torch.randn(batch, CHANNELS, side, side, generator=generator).to(memory_format=torch.channels_last)
-        x.requires_grad_()
+        x = torch.randn(batch, in_channels, side, side, generator=generator).to(memory_format=torch.channels_last)
+        x.requires_grad_(not stem)
         with seeded(0):
-            plain = nn.Conv2d(CHANNELS, CHANNELS, 3, 1, 1, bias=False).to(memory_format=torch.channels_last)
-            layers = {name: sim.conv3x3(CHANNELS, CHANNELS).to(memory_format=torch.channels_last)
+            plain = nn.Conv2d(in_channels, CHANNELS, 3, 1, 1, bias=False).to(memory_format=torch.channels_last)
+            layers = {name: sim.conv3x3(in_channels, CHANNELS).to(memory_format=torch.channels_last)
                       for name, sim in VARIANTS.items()}  # fmt: skip
-        steps: dict[str, Callable[[], None]] = {"conv": forward_backward(plain, x)}
+        forwards: dict[str, Callable[[], torch.Tensor]] = {"conv": lambda: plain(x)}
         for name, layer in layers.items():
-            steps[name] = forward_backward(layer, x)
+            forwards[name] = lambda layer=layer: layer(x)
             if isinstance(layer, DynamicNSLConv2d):
-                steps[f"{name}: meta-network"] = meta_only(layer, x)
-                steps[f"{name}: modulated conv"] = modulated_only(layer, x)
+                planes = takes_planes_path(layer)
+                forwards[f"{name}: meta-network"] = lambda layer=layer: layer.similarity(x)
+                forwards[f"{name}: modulated conv"] = modulated_only(layer, x, planes)
+                if planes:
+                    forwards[f"{name}: modulated conv, patch path"] = modulated_only(layer, x, planes=False)
+        steps = {name: forward_backward(forward, generator) for name, forward in forwards.items()}
         times: dict[str, list[float]] = {name: [] for name in steps}
         for step in steps.values():  # warm-up
             step()
@@ -108,7 +125,9 @@ def main() -> None:
         base = statistics.median(times["conv"])
         for name in steps:
             variant = VARIANTS.get(name.split(":")[0], Similarity("conv"))
-            plain_macs, extra = layer_multiply_adds(variant, CHANNELS, CHANNELS, batch * side * side, training=True)
+            plain_macs, extra = layer_multiply_adds(
+                variant, in_channels, CHANNELS, batch * side * side, training=True, input_grad=not stem
+            )
             whole_layer = ":" not in name
             rows.append({
                 "shape": shape_name, "variant": name, "ms": 1000 * statistics.median(times[name]),
@@ -122,12 +141,13 @@ def main() -> None:
         lines.append(f"| {r['shape']} | {r['variant']} | {r['ms']:.1f} | {r['ratio']:.2f}× | {flop} | {over} |")
     info = machine()
     text = (
-        "# NSL per-layer overhead, 64→64 3×3, CPU\n\n"
+        "# NSL per-layer overhead, 3×3 layers of Conv-4, CPU\n\n"
         f"`python benchmarks/nsl_layer_overhead.py` — {args.rounds} alternating rounds × {args.repeats} repeats, "
         f"medians; {info['cpu_count']} cores, {info['threads']} threads, torch {info['torch']}, channels_last, "
         f"GLIBC_TUNABLES {'set' if info['glibc_tunables'] == FAST_MALLOC else 'not set'}. Forward + backward "
-        "(input, weight and similarity gradients) against `nn.Conv2d` in the same run. The `meta-network` and "
-        "`modulated conv` rows split the dynamic layer into its two halves.\n\n" + "\n".join(lines) + "\n"
+        "(input gradient except for stems, weight and similarity gradients) against `nn.Conv2d` in the same run. The "
+        "`meta-network` and `modulated conv` rows split the dynamic layer into its two halves; `patch path` is the "
+        "diagonal form's other implementation, which stems do not take.\n\n" + "\n".join(lines) + "\n"
     )
     write_results("nsl_layer_overhead", {"machine": info, "rounds": args.rounds, "repeats": args.repeats, "rows": rows}, text)
 
