@@ -61,8 +61,8 @@ def forward_backward(forward: Callable[[], torch.Tensor], generator: torch.Gener
 
     The gradient is laid out like the output, as BatchNorm's backward hands it
     to a layer in training; ``.sum().backward()`` would hand it a stride-0
-    tensor, on which oneDNN's 1×1 convolution backward (the planes path) is
-    two orders of magnitude slower than on a real gradient.
+    tensor, on which oneDNN's 1×1 convolution backward (the planes path) ran
+    far slower in our trials than on a real gradient.
     """
     with torch.no_grad():
         upstream = torch.empty_like(forward()).normal_(generator=generator)
