@@ -6,11 +6,16 @@ written next to it states the training iterations and wall time of each run.
 
     python benchmarks/accuracy.py protonet-omniglot --episodes 6000
     python benchmarks/accuracy.py nsl-omniglot --episodes 3000
-    python benchmarks/accuracy.py maml-omniglot --episodes 1500
+    python benchmarks/accuracy.py maml-omniglot --episodes 6000 --only maml-conv4-5w1s maml++-conv4-5w1s
 
 Published references: ProtoNet (Snell et al. 2017, Omniglot Vinyals split, Conv-4)
-5w1s 98.8, 5w5s 99.7, 20w1s 96.0, 20w5s 98.9; MAML (Finn et al. 2017) 5w1s 98.7±0.4,
-20w1s 95.8±0.3.
+5w1s 98.8, 5w5s 99.7, 20w1s 96.0, 20w5s 98.9; MAML (Finn et al. 2017, Table 1) 5w1s
+98.7±0.4, 20w1s 95.8±0.3 after 60,000 meta-iterations; MAML++ (Antoniou et al. 2019,
+Table 1) 5w1s 99.47±0.05 after 50,000.
+
+MAML suites also write a learning curve (validation accuracy against meta-iterations,
+CSV + PNG) from every run's metrics.csv. Results are refused from a tree with
+uncommitted changes unless --allow-dirty (which marks them).
 """
 
 from __future__ import annotations
@@ -22,12 +27,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import RESULTS, data_root, machine, write_results  # noqa: E402
-from fewshot_nsl.config import RunConfig  # noqa: E402
+from benchmarks.common import RESULTS, REPO, data_root, machine, provenance, write_results  # noqa: E402
+from fewshot_nsl.config import RunConfig, load_config  # noqa: E402
 from fewshot_nsl.engine.evaluator import EvalRequest, evaluate_run  # noqa: E402
 from fewshot_nsl.engine.trainer import train  # noqa: E402
 
@@ -35,6 +42,8 @@ PUBLISHED = {
     ("protonet", 5, 1): 98.8, ("protonet", 5, 5): 99.7, ("protonet", 20, 1): 96.0, ("protonet", 20, 5): 98.9,
     ("maml", 5, 1): 98.7, ("maml", 20, 1): 95.8,
 }  # fmt: skip
+PUBLISHED_MAML_PLUS_PLUS = {(5, 1): 99.47, (20, 1): 97.65}  # Antoniou et al. (2019), Table 1
+PUBLISHED_ITERATIONS = {"maml": 60000, "maml++": 50000}
 
 
 @dataclass(frozen=True)
@@ -42,6 +51,11 @@ class Run:
     name: str
     config: dict
     evals: tuple[tuple[int, int], ...]  # (ways, shots) on the fixed test manifests
+    base: str | None = None  # a shipped YAML config under configs/ that ``config`` overrides
+
+    def run_config(self) -> RunConfig:
+        start = load_config(REPO / "configs" / self.base) if self.base else RunConfig()
+        return start.updated(self.config)
 
 
 @dataclass(frozen=True)
@@ -54,7 +68,6 @@ class Suite:
 PROTONET = {"method": "protonet", "backbone": "conv4", "ways": 60, "queries": 5, "lr_step": 2000, "val_ways": 20}
 NSL_STATIC = {"backbone": "nsl-conv4", "similarity": "static"}
 NSL_DYNAMIC = {"backbone": "nsl-conv4", "similarity": "dynamic"}
-MAML = {"method": "maml", "backbone": "conv4", "queries": 15, "meta_batch": 32, "lr_step": 10**9}
 
 
 
@@ -92,12 +105,25 @@ SUITES = {
     ),
     "maml-omniglot": Suite(
         (
-            Run("maml-conv4-5w1s", MAML | {"ways": 5, "shots": 1}, ((5, 1),)),
-            Run("maml-nsl-static-5w1s", MAML | NSL_STATIC | {"ways": 5, "shots": 1}, ((5, 1),)),
-            Run("maml-conv4-20w1s", MAML | {"ways": 20, "shots": 1, "meta_batch": 16, "inner_lr": 0.1, "inner_steps": 5, "eval_inner_steps": 5}, ((20, 1),)),
-            Run("maml-nsl-static-20w1s", MAML | NSL_STATIC | {"ways": 20, "shots": 1, "meta_batch": 16, "inner_lr": 0.1, "inner_steps": 5, "eval_inner_steps": 5}, ((20, 1),)),
+            Run("maml-conv4-5w1s", {}, ((5, 1),), base="maml-conv4-omniglot.yaml"),
+            Run("maml++-conv4-5w1s", {}, ((5, 1),), base="maml++-conv4-omniglot.yaml"),
+            Run("maml-nsl-static-5w1s", NSL_STATIC, ((5, 1),), base="maml-conv4-omniglot.yaml"),
+            Run("maml-conv4-20w1s", {}, ((20, 1),), base="maml-conv4-omniglot-20way.yaml"),
         ),
-        note="20-way MAML follows Finn et al.: meta-batch 16, inner lr 0.1, 5 inner steps.",
+        note="Each run starts from a shipped config: configs/maml-conv4-omniglot.yaml (Finn et al.'s published "
+        "5-way recipe: learned head, meta-batch 32, 1 inner step at 0.4 in training and 3 at test, 1 query per class), "
+        "configs/maml++-conv4-omniglot.yaml (MAML++'s recipe with BNWB, LSLR, MSL and cosine meta learning rate) "
+        "and configs/maml-conv4-omniglot-20way.yaml; only the budget (--episodes) and the backbone differ. "
+        "Rows without a recorded head were trained before the head was recorded, when the default was the zero head.",
+    ),
+    "maml-nsl-omniglot": Suite(
+        tuple(
+            Run(f"maml-{label}-5w1s", extra, ((5, 1),), base="maml-conv4-omniglot.yaml")
+            for label, extra in (("conv4", {}), ("nsl-static", NSL_STATIC), ("nsl-dynamic-h16", NSL_DYNAMIC | {"nsl_hidden": 16}))
+        ),
+        note="conv4, static NSL (diagonal) and dynamic NSL (diagonal, meta-network width h = 16, the cheapest) under "
+        "Finn et al.'s 5-way 1-shot MAML recipe (configs/maml-conv4-omniglot.yaml) with the same budget, seed, "
+        "training episodes and evaluation manifest.",
     ),
 }
 
@@ -111,15 +137,20 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="run only these run names (others are read from the suite leaderboard)")
     parser.add_argument("--meta-batch", type=int, help="override the meta-batch of every run")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, help="torch CPU threads of this process (default: torch's choice)")
+    parser.add_argument("--allow-dirty", action="store_true", help="run from uncommitted code (results marked so)")
     args = parser.parse_args()
+    origin = provenance(args.allow_dirty)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     suite = SUITES[args.suite]
     board = RESULTS / f"{args.suite}-leaderboard.csv"
     runs_root = Path(os.environ.get("FEWSHOT_NSL_RUNS", "runs")) / "benchmarks" / args.suite
     for run in suite.runs:
         if args.only and run.name not in args.only:
             continue
-        config = RunConfig().updated(
-            run.config | {"episodes": args.episodes, "seed": args.seed, "val_every": args.val_every,
+        config = run.run_config().updated(
+            {"episodes": args.episodes, "seed": args.seed, "val_every": args.val_every,
                           "data_root": data_root(), "device": args.device, "run_dir": str(runs_root / run.name)}
             | ({"meta_batch": args.meta_batch} if args.meta_batch else {})
         )  # fmt: skip
@@ -129,32 +160,111 @@ def main() -> None:
         for ways, shots in run.evals:
             summary, _ = evaluate_run(EvalRequest(result.run_dir, ways=ways, shots=shots, leaderboard=board, progress=False))
             print(f"{run.name}: {ways}-way {shots}-shot {summary} ({time.perf_counter() - started:.0f} s incl. training)")
-    tabulate(args.suite, suite, board, "python benchmarks/accuracy.py " + " ".join(sys.argv[1:]))
+    command = "python benchmarks/accuracy.py " + " ".join(sys.argv[1:])
+    curves = learning_curves(suite, runs_root) if args.suite.startswith("maml") else None
+    tabulate(args.suite, suite, board, command, origin, curves)
 
 
-def tabulate(name: str, suite: Suite, board: Path, command: str) -> None:
+def learning_curves(suite: Suite, runs_root: Path) -> pd.DataFrame | None:
+    """Validation accuracy against meta-iterations of every suite run present under ``runs_root``; CSV + PNG."""
+    frames = []
+    for run in suite.runs:
+        metrics = runs_root / run.name / "metrics.csv"
+        if metrics.exists():
+            val = pd.read_csv(metrics).query("split == 'val'")
+            frames.append(val.assign(run=run.name)[["run", "iteration", "acc", "ci95", "seconds"]])
+    if not frames:
+        return None
+    curves = pd.concat(frames, ignore_index=True)
+    curves.to_csv(RESULTS / f"{suite_name(suite)}-curve.csv", index=False)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for run, points in curves.groupby("run", sort=False):
+        axis.errorbar(points["iteration"], 100 * points["acc"], yerr=100 * points["ci95"], label=run, capsize=2, marker="o", ms=3)
+    axis.set_xlabel("meta-iterations")
+    axis.set_ylabel("validation accuracy % (95% CI)")
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(RESULTS / f"{suite_name(suite)}-curve.png", dpi=120)
+    plt.close(figure)
+    return curves
+
+
+def suite_name(suite: Suite) -> str:
+    return next(name for name, candidate in SUITES.items() if candidate is suite)
+
+
+def extrapolated(points: pd.DataFrame, iterations: int) -> float | None:
+    """Crude: a least-squares line of accuracy against log(iterations) over the curve's second half, at ``iterations``."""
+    tail = points.iloc[len(points) // 2 :]
+    if len(tail) < 3:
+        return None
+    slope, intercept = np.polyfit(np.log(tail["iteration"]), tail["acc"], 1)
+    return float(min(1.0, slope * np.log(iterations) + intercept))
+
+
+def tabulate(name: str, suite: Suite, board: Path, command: str, origin: dict, curves: pd.DataFrame | None) -> None:
     frame = pd.read_csv(board)
     names = {run.name for run in suite.runs}
     frame = frame[frame["run_dir"].map(lambda d: Path(d).name in names)]
-    latest = frame.drop_duplicates(subset=["run_dir", "ways", "shots"], keep="last")
+    if "recipe" not in frame:
+        frame = frame.assign(recipe=None)
+    if "maml_head" not in frame:
+        frame = frame.assign(maml_head=None)
+    # MAML rows from before the head was recorded were all trained with that day's default, the zero head.
+    head = frame["maml_head"].astype(object).where(frame["maml_head"].notna(), "zero")
+    frame = frame.assign(head=head.where(frame["method"] == "maml", "—"), recipe=frame["recipe"].astype(object).fillna("—"))
+    latest = frame.drop_duplicates(subset=["run_dir", "ways", "shots", "head"], keep="last")
     lines = [
-        "| run | method | similarity | task | acc % ± 95% CI | published | train iterations | train wall time | episodes |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| run | method | similarity | head | task | acc % ± 95% CI | published | train iterations | train wall time "
+        "| commit | recipe |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in latest.sort_values(["ways", "shots", "method", "similarity"]).itertuples():
-        ref = PUBLISHED.get((row.method, row.ways, row.shots)) if row.similarity == "conv" else None
+        plus_plus = Path(row.run_dir).name.startswith("maml++")
+        published = PUBLISHED_MAML_PLUS_PLUS if plus_plus else {k[1:]: v for k, v in PUBLISHED.items() if k[0] == row.method}
+        ref = published.get((row.ways, row.shots)) if row.similarity == "conv" else None
         lines.append(
-            f"| {Path(row.run_dir).name} | {row.method} | {row.similarity} | {row.ways}w{row.shots}s | "
+            f"| {Path(row.run_dir).name} | {row.method} | {row.similarity} | {row.head} | {row.ways}w{row.shots}s | "
             f"{100 * row.acc:.2f} ± {100 * row.ci95:.2f} | {ref if ref else '—'} | {row.train_episodes} | "
-            f"{row.train_seconds / 60:.1f} min | {row.episodes} ({row.manifest}) |"
+            f"{row.train_seconds / 60:.1f} min | {row.git_commit} | {row.recipe} |"
         )
     info = machine()
     text = (
-        f"# Accuracy suite `{name}`\n\nLast command: `{command}`, on {info['cpu_count']} "
-        f"CPU cores (torch {info['torch']}, device {'cuda' if info['cuda'] else 'cpu'}). {suite.note}\n\n"
-        + "\n".join(lines) + "\n"
+        f"# Accuracy suite `{name}`\n\nLast command: `{command}` at commit {origin['commit']}"
+        f"{' (DIRTY tree)' if origin['dirty'] else ''}, on {info['cpu_count']} CPU cores "
+        f"(torch {info['torch']}, device {'cuda' if info['cuda'] else 'cpu'}). {suite.note}\n\n" + "\n".join(lines) + "\n"
     )
-    write_results(f"{name}-accuracy", {"machine": info, "rows": latest.to_dict(orient="records")}, text)
+    if curves is not None:
+        text += curve_section(name, curves)
+    write_results(f"{name}-accuracy", {"machine": info, "provenance": origin, "rows": latest.to_dict(orient="records")}, text)
+
+
+def curve_section(name: str, curves: pd.DataFrame) -> str:
+    lines = [
+        "",
+        f"## Learning curves\n\nValidation accuracy (200 fixed validation episodes) every `--val-every` meta-iterations: "
+        f"`{name}-curve.csv`, plotted in `{name}-curve.png`. The last column extends a least-squares line of accuracy "
+        "against log(meta-iterations), fitted to the curve's second half, to the published budget (60,000 "
+        "meta-iterations for MAML, 50,000 for MAML++): a rough guide, not a measurement.",
+        "",
+        "| run | meta-iterations | last validation % | best validation % | wall time | line at the published budget % |",
+        "|---|---|---|---|---|---|",
+    ]
+    for run, points in curves.groupby("run", sort=False):
+        budget = PUBLISHED_ITERATIONS["maml++" if run.startswith("maml++") else "maml"]
+        guess = extrapolated(points, budget)
+        last = points.iloc[-1]
+        lines.append(
+            f"| {run} | {int(last['iteration'])} | {100 * last['acc']:.2f} | {100 * points['acc'].max():.2f} | "
+            f"{last['seconds'] / 60:.1f} min | {'—' if guess is None else f'{100 * guess:.1f} at {budget}'} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +44,18 @@ def machine() -> dict[str, object]:
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
+
+
+def provenance(allow_dirty: bool) -> dict[str, object]:
+    """The commit results come from; a tree with uncommitted changes is refused unless allowed (and then marked)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD")
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", "fewshot_nsl", "benchmarks", "configs"))
+    if dirty and not allow_dirty:
+        sys.exit("refusing to write results from uncommitted code: commit first, or pass --allow-dirty (marks the results)")
+    return {"commit": commit, "dirty": dirty}
 
 
 def write_results(name: str, payload: dict, markdown: str) -> None:

@@ -1,12 +1,18 @@
-"""MAML speed: vectorised (vmap over tasks) vs sequential meta-batches, and memory per inner step.
+"""MAML speed: vectorised (vmap over tasks) vs sequential meta-batches, FLOP efficiency, memory.
 
-Measures, in one run:
+Measures, in one run, at Finn et al.'s published task shapes:
 
-* seconds per meta-batch (forward + meta-gradient backward) for second- and
-  first-order MAML, vectorised and sequential, with their repeats
-  interleaved (the order alternates every repeat) so that drifting machine
-  load hits both alike; the medians and their ratio are reported;
-* peak memory of one second-order meta-batch for 1..5 inner steps.
+* seconds per meta-batch (forward + meta-gradient into ``.grad`` through
+  ``MAML.backward_batch``, which the trainer calls) for second- and
+  first-order MAML, vectorised and sequential (each task backpropagated as
+  soon as its loss is known), with their repeats interleaved (the order
+  alternates every repeat) so that drifting machine load hits both alike;
+  the medians and their ratio are reported;
+* the FLOPs of one meta-batch (``torch.utils.flop_counter``: convolutions
+  and matrix products, forward and backward) and the fraction of this
+  machine's convolution peak each path achieves; the peak is measured in
+  the same run as the best of a few large 64->64 3x3 convolutions;
+* peak memory of one second-order meta-batch for meta-batch sizes 1, 8, 32.
 
 Memory. Each measurement runs one untimed meta-batch first (one-off
 costs such as oneDNN kernel set-up, some 200 MiB on CPU, would otherwise
@@ -25,9 +31,11 @@ activations, gradients, temporaries), to page granularity. Linux only;
 elsewhere CPU memory is reported as unavailable.
 
 Inputs are random tensors (this measures speed, not accuracy). Settings
-follow Finn et al. 2017: Omniglot 5-way 1-shot, Conv-4 with 64 filters,
-meta-batch 32, 1 inner step; Mini-ImageNet 5-way 1-shot, Conv-4 with 32
-filters, meta-batch 4, 5 inner steps; 15 queries per class in both.
+follow Finn et al. 2017 (``fewshot_nsl.config.maml_recipe``), learned head:
+Omniglot 5-way 1-shot, Conv-4 with 64 filters, meta-batch 32, 1 inner step,
+1 query per class; Omniglot 20-way 1-shot, meta-batch 16, 5 inner steps, 1
+query per class; Mini-ImageNet 5-way 1-shot, Conv-4 with 32 filters,
+meta-batch 4, 5 inner steps, 15 queries per class.
 
     python benchmarks/maml_speed.py              # full run (minutes on CPU)
     python benchmarks/maml_speed.py --quick      # smoke run of every code path
@@ -48,12 +56,18 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
-from fewshot_nsl.backbones import build_backbone
-from fewshot_nsl.episodes.episode import Episode
-from fewshot_nsl.learners.maml import MAML
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-WAYS, SHOTS, QUERIES = 5, 1, 15
+from benchmarks.common import provenance  # noqa: E402
+from fewshot_nsl.backbones import build_backbone  # noqa: E402
+from fewshot_nsl.episodes.episode import Episode  # noqa: E402
+from fewshot_nsl.learners.maml import MAML  # noqa: E402
+
+SHOTS = 1
+MEMORY_META_BATCHES = (1, 8, 32)
+MEMORY_SETTINGS = ("omniglot-5w1s", "omniglot-20w1s")
 MODES = ("vectorised", "sequential")
 ORDERS = ("second", "first")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -63,11 +77,13 @@ GLIBC_RETURNS_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_T
 
 @dataclass(frozen=True)
 class Setting:
-    """One benchmark configuration (5-way 1-shot, 15 queries per class)."""
+    """One benchmark configuration (1-shot)."""
 
     name: str
     image_shape: tuple[int, int, int]
     width: int
+    ways: int
+    queries: int
     meta_batch: int
     inner_steps: int
     inner_lr: float
@@ -76,8 +92,9 @@ class Setting:
 SETTINGS = {
     s.name: s
     for s in (
-        Setting("omniglot-5w1s", (1, 28, 28), width=64, meta_batch=32, inner_steps=1, inner_lr=0.4),
-        Setting("miniimagenet-5w1s", (3, 84, 84), width=32, meta_batch=4, inner_steps=5, inner_lr=0.01),
+        Setting("omniglot-5w1s", (1, 28, 28), width=64, ways=5, queries=1, meta_batch=32, inner_steps=1, inner_lr=0.4),
+        Setting("omniglot-20w1s", (1, 28, 28), width=64, ways=20, queries=1, meta_batch=16, inner_steps=5, inner_lr=0.1),
+        Setting("miniimagenet-5w1s", (3, 84, 84), width=32, ways=5, queries=15, meta_batch=4, inner_steps=5, inner_lr=0.01),
     )
 }
 
@@ -100,23 +117,27 @@ def redraw_(module: nn.Module, generator: torch.Generator) -> nn.Module:
     return module
 
 
-def build(setting: Setting, first_order: bool, inner_steps: int, device: torch.device, seed: int) -> MAML:
+def build(setting: Setting, first_order: bool, device: torch.device, seed: int) -> MAML:
+    generator = torch.Generator().manual_seed(seed)
     backbone = build_backbone("conv4", setting.image_shape, width=setting.width)
-    redraw_(backbone, torch.Generator().manual_seed(seed))
-    learner = MAML(backbone, inner_lr=setting.inner_lr, inner_steps=inner_steps, first_order=first_order)
+    redraw_(backbone, generator)
+    learner = MAML(
+        backbone, inner_lr=setting.inner_lr, inner_steps=setting.inner_steps, first_order=first_order,
+        head="learned", ways=setting.ways, generator=generator,
+    )  # fmt: skip
     return learner.to(device).train()
 
 
 def random_episodes(setting: Setting, device: torch.device, seed: int) -> list[Episode]:
     generator = torch.Generator().manual_seed(seed)
-    labels = torch.arange(WAYS)
+    labels = torch.arange(setting.ways)
 
     def images(per_class: int) -> torch.Tensor:
-        return torch.randn(WAYS * per_class, *setting.image_shape, generator=generator)
+        return torch.randn(setting.ways * per_class, *setting.image_shape, generator=generator)
 
     def episode() -> Episode:
-        support, query = labels.repeat_interleave(SHOTS), labels.repeat_interleave(QUERIES)
-        return Episode(images(SHOTS), support, images(QUERIES), query, WAYS).to(device)
+        support, query = labels.repeat_interleave(SHOTS), labels.repeat_interleave(setting.queries)
+        return Episode(images(SHOTS), support, images(setting.queries), query, setting.ways).to(device)
 
     return [episode() for _ in range(setting.meta_batch)]
 
@@ -129,7 +150,7 @@ def meta_batch_seconds(learner: MAML, episodes: list[Episode], device: torch.dev
     """
     synchronise(device)
     wall, cpu = time.perf_counter(), time.process_time()
-    learner.batch_loss(episodes).loss.backward()
+    learner.backward_batch(episodes)
     synchronise(device)
     elapsed = time.perf_counter() - wall, time.process_time() - cpu
     learner.zero_grad(set_to_none=True)
@@ -146,8 +167,9 @@ def synchronise(device: torch.device) -> None:
 
 def time_setting(setting: Setting, order: str, repeats: int, warmup: int, device: torch.device, seed: int) -> dict:
     """Interleaved repeats of both modes on the same learner and episodes; medians and ratio."""
-    learner = build(setting, order == "first", setting.inner_steps, device, seed)
+    learner = build(setting, order == "first", device, seed)
     episodes = random_episodes(setting, device, seed + 1)
+    flops = meta_batch_flops(learner, episodes)
     wall: dict[str, list[float]] = {mode: [] for mode in MODES}
     cpu: dict[str, list[float]] = {mode: [] for mode in MODES}
     for repeat in range(warmup + repeats):
@@ -170,19 +192,46 @@ def time_setting(setting: Setting, order: str, repeats: int, warmup: int, device
         "median_cpu_s": cpu_medians,
         "vectorised_over_sequential": medians["vectorised"] / medians["sequential"],
         "vectorised_over_sequential_cpu": cpu_medians["vectorised"] / cpu_medians["sequential"],
+        "flops": flops,
     }
+
+
+def meta_batch_flops(learner: MAML, episodes: list[Episode]) -> int:
+    """FLOPs of one meta-batch (sequential path; vmap computes the same products)."""
+    learner.vectorise = False
+    with FlopCounterMode(display=False) as counter:
+        learner.backward_batch(episodes)
+    learner.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def convolution_peak_flops(device: torch.device, repeats: int = 5) -> float:
+    """FLOP/s of the best of a few large 64->64 3x3 convolutions: the machine's practical peak."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(256, 64, 28, 28, generator=generator).to(device)
+    weight = torch.randn(64, 64, 3, 3, generator=generator).to(device)
+    flops = 2 * images.shape[0] * 28 * 28 * 64 * 64 * 9
+    best = float("inf")
+    for _ in range(repeats + 1):
+        synchronise(device)
+        start = time.perf_counter()
+        torch.nn.functional.conv2d(images, weight, padding=1)
+        synchronise(device)
+        best = min(best, time.perf_counter() - start)
+    return flops / best
 
 
 # ----- memory --------------------------------------------------------------------------
 
 
-def memory_bytes(setting: Setting, mode: str, steps: int, device: torch.device, seed: int) -> int | None:
+def memory_bytes(setting: Setting, mode: str, meta_batch: int, device: torch.device, seed: int) -> int | None:
     """Peak memory growth of one second-order meta-batch (see the module docstring for the method)."""
     if device.type == "cuda":
-        return cuda_peak_bytes(setting, mode, steps, device, seed)
+        return cuda_peak_bytes(replace(setting, meta_batch=meta_batch), mode, device, seed)
     if not Path("/proc/self/clear_refs").exists():
         return None
-    probe = {"setting": asdict(setting), "mode": mode, "steps": steps, "seed": seed, "threads": torch.get_num_threads()}
+    probe = {"setting": asdict(replace(setting, meta_batch=meta_batch)), "mode": mode, "seed": seed,
+             "threads": torch.get_num_threads()}  # fmt: skip
     done = subprocess.run(
         [sys.executable, __file__, "--probe-memory", json.dumps(probe)],
         capture_output=True,
@@ -194,8 +243,8 @@ def memory_bytes(setting: Setting, mode: str, steps: int, device: torch.device, 
     return json.loads(done.stdout.strip().splitlines()[-1])["bytes"]
 
 
-def cuda_peak_bytes(setting: Setting, mode: str, steps: int, device: torch.device, seed: int) -> int:
-    learner = build(setting, False, steps, device, seed)
+def cuda_peak_bytes(setting: Setting, mode: str, device: torch.device, seed: int) -> int:
+    learner = build(setting, False, device, seed)
     learner.vectorise = mode == "vectorised"
     episodes = random_episodes(setting, device, seed + 1)
     meta_batch_seconds(learner, episodes, device)  # warm-up
@@ -211,7 +260,7 @@ def probe_cpu_memory(probe: dict) -> int:
     fields = probe["setting"]
     setting = Setting(**{**fields, "image_shape": tuple(fields["image_shape"])})
     device = torch.device("cpu")
-    learner = build(setting, False, probe["steps"], device, probe["seed"])
+    learner = build(setting, False, device, probe["seed"])
     learner.vectorise = probe["mode"] == "vectorised"
     episodes = random_episodes(setting, device, probe["seed"] + 1)
     meta_batch_seconds(learner, episodes, device)  # warm-up
@@ -251,43 +300,59 @@ def memory_method(device: torch.device) -> str:
 def markdown(report: dict) -> str:
     env = report["environment"]
     title = "# MAML speed: vectorised vs sequential meta-batches"
+    peak = report["convolution_peak_flops"]
     lines = [
         title + (" (QUICK smoke run, not a measurement)" if report["quick"] else ""),
         "",
-        f"{env['device']}, torch {env['torch']}, {env['threads']} CPU thread(s), Conv-4 (fewshot_nsl.backbones); "
-        f"{WAYS}-way {SHOTS}-shot, {QUERIES} queries per class, random inputs. "
+        f"Commit {report['provenance']['commit']}{' (DIRTY tree)' if report['provenance']['dirty'] else ''}; "
+        f"{env['device']}, torch {env['torch']}, {env['threads']} CPU thread(s), Conv-4 (fewshot_nsl.backbones), "
+        f"learned head, 1-shot, random inputs; settings as `fewshot_nsl.config.maml_recipe` (Finn et al. 2017). "
         f"Medians of {report['repeats']} interleaved repeats after {report['warmup']} warm-up; "
         f"1-minute load average {env['load_average_1min']:.1f} at the start and "
         f"{report['load_average_1min_at_end']:.1f} at the end.",
         "",
-        "Wall seconds per meta-batch (process CPU seconds in brackets); a ratio below 1 means vmap is faster.",
+        "Wall seconds per meta-batch (process CPU seconds in brackets), forward + meta-gradient. "
+        "Speed-up = sequential ÷ vectorised wall time (above 1: vmap is faster). GFLOP: convolutions and matrix "
+        f"products of one meta-batch, forward and backward; % peak: achieved FLOP/s over this machine's convolution "
+        f"peak measured in the same run ({peak / 1e9:.0f} GFLOP/s, best 64->64 3x3 convolution on 256x64x28x28).",
         "",
-        "| setting | order | inner steps | meta-batch | vectorised s | sequential s | vectorised ÷ sequential |",
-        "|---|---|---|---|---|---|---|",
+        "| setting | ways | queries/class | order | inner steps | meta-batch | vectorised s | sequential s "
+        "| speed-up | GFLOP | % peak vectorised | % peak sequential |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    settings = {s["name"]: s for s in report["settings"]}
     for row in report["timings"]:
         wall, cpu = row["median_s"], row["median_cpu_s"]
+        setting = settings[row["setting"]]
+        fraction = {mode: 100 * row["flops"] / wall[mode] / peak for mode in MODES}
         lines.append(
-            f"| {row['setting']} | {row['order']} | {row['inner_steps']} | {row['meta_batch']} | "
-            f"{wall['vectorised']:.3f} ({cpu['vectorised']:.3f}) | "
+            f"| {row['setting']} | {setting['ways']} | {setting['queries']} | {row['order']} | {row['inner_steps']} | "
+            f"{row['meta_batch']} | {wall['vectorised']:.3f} ({cpu['vectorised']:.3f}) | "
             f"{wall['sequential']:.3f} ({cpu['sequential']:.3f}) | "
-            f"{row['vectorised_over_sequential']:.2f} ({row['vectorised_over_sequential_cpu']:.2f}) |"
+            f"{1 / row['vectorised_over_sequential']:.2f} | {row['flops'] / 1e9:.1f} | "
+            f"{fraction['vectorised']:.0f}% | {fraction['sequential']:.0f}% |"
         )
     if report["memory"]:
-        lines += ["", f"Peak memory of one second-order meta-batch, MiB ({report['memory_method']}).", ""]
+        lines += [
+            "",
+            f"Peak memory of one second-order meta-batch by meta-batch size, MiB ({report['memory_method']}). "
+            "Sequential backpropagates each task as soon as its loss is known, so it should stay near one task's "
+            "graph; vectorised holds the whole batched graph.",
+            "",
+        ]
         lines += memory_table(report["memory"])
     return "\n".join(lines) + "\n"
 
 
 def memory_table(rows: list[dict]) -> list[str]:
-    steps = sorted({row["inner_steps"] for row in rows})
+    sizes = sorted({row["meta_batch"] for row in rows})
     lines = [
-        "| setting | mode | " + " | ".join(f"{n} step{'s' if n > 1 else ''}" for n in steps) + " |",
-        "|---|---|" + "---|" * len(steps),
+        "| setting | mode | " + " | ".join(f"meta-batch {n}" for n in sizes) + " |",
+        "|---|---|" + "---|" * len(sizes),
     ]
     for setting, mode in dict.fromkeys((row["setting"], row["mode"]) for row in rows):
-        cells = {row["inner_steps"]: row["bytes"] for row in rows if (row["setting"], row["mode"]) == (setting, mode)}
-        mib = ["n/a" if cells[n] is None else f"{cells[n] / 2**20:.0f}" for n in steps]
+        cells = {row["meta_batch"]: row["bytes"] for row in rows if (row["setting"], row["mode"]) == (setting, mode)}
+        mib = ["n/a" if cells[n] is None else f"{cells[n] / 2**20:.0f}" for n in sizes]
         lines.append(f"| {setting} | {mode} | " + " | ".join(mib) + " |")
     return lines
 
@@ -298,20 +363,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed repeats per mode first (default 1)")
     parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=list(SETTINGS))
     parser.add_argument("--orders", nargs="+", choices=ORDERS, default=list(ORDERS))
-    parser.add_argument("--memory-steps", type=int, default=5, help="measure memory for 1..N inner steps; 0 skips")
+    parser.add_argument("--memory-meta-batches", type=int, nargs="*", default=list(MEMORY_META_BATCHES),
+                        help="meta-batch sizes whose peak memory is measured (default 1 8 32; none skips)")
+    parser.add_argument("--memory-settings", nargs="*", choices=sorted(SETTINGS), default=list(MEMORY_SETTINGS),
+                        help="settings whose memory is measured (default the Omniglot ones: Mini-ImageNet's "
+                        "vectorised meta-batch of 32 would need tens of GiB)")
+    parser.add_argument("--allow-dirty", action="store_true", help="write results from an uncommitted tree (marked so)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument(
-        "--quick", action="store_true", help="smoke run: width 8, meta-batch 2, 1 repeat, memory for 1..2 steps"
+        "--quick", action="store_true", help="smoke run: width 8, meta-batch 2, 1 repeat, memory for meta-batch 1 and 2"
     )
     parser.add_argument("--probe-memory", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
-        args.repeats, args.warmup, args.memory_steps = 1, 1, min(args.memory_steps, 2)
-    if args.repeats < 1 or args.warmup < 0 or args.memory_steps < 0:
-        parser.error("--repeats must be >= 1, --warmup and --memory-steps >= 0")
+        args.repeats, args.warmup, args.memory_meta_batches = 1, 1, [1, 2]
+    if args.repeats < 1 or args.warmup < 0 or any(n < 1 for n in args.memory_meta_batches):
+        parser.error("--repeats must be >= 1, --warmup >= 0 and every --memory-meta-batches size >= 1")
     return args
 
 
@@ -334,12 +404,14 @@ def run_timings(settings: list[Setting], args: argparse.Namespace, device: torch
 def run_memory(settings: list[Setting], args: argparse.Namespace, device: torch.device) -> list[dict]:
     rows = []
     for setting in settings:
+        if setting.name not in args.memory_settings:
+            continue
         for mode in MODES:
-            for steps in range(1, args.memory_steps + 1):
-                used = memory_bytes(setting, mode, steps, device, args.seed)
+            for size in args.memory_meta_batches:
+                used = memory_bytes(setting, mode, size, device, args.seed)
                 shown = "n/a" if used is None else f"{used / 2**20:.0f} MiB"
-                print(f"{setting.name} {mode} {steps} step(s): {shown}", flush=True)
-                rows.append({"setting": setting.name, "mode": mode, "inner_steps": steps, "bytes": used})
+                print(f"{setting.name} {mode} meta-batch {size}: {shown}", flush=True)
+                rows.append({"setting": setting.name, "mode": mode, "meta_batch": size, "bytes": used})
     return rows
 
 
@@ -351,10 +423,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    origin = provenance(args.allow_dirty or args.quick)
     settings = [quick(SETTINGS[name]) if args.quick else SETTINGS[name] for name in args.settings]
     env = environment(device)
     report = {
+        "provenance": origin,
         "quick": args.quick,
+        "convolution_peak_flops": convolution_peak_flops(device),
         "repeats": args.repeats,
         "warmup": args.warmup,
         "environment": env,

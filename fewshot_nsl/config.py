@@ -1,9 +1,9 @@
 """Run configuration: one dataclass, loaded from YAML, overridden by CLI flags.
 
 Fields left ``None`` mean "the recipe's default for this method and dataset"
-(e.g. MAML's inner learning rate is 0.4 on Omniglot, 0.01 on Mini-ImageNet,
-after Finn et al. 2017); ``resolve`` fills them in, and the resolved config is
-what a run directory records.
+(MAML: Finn et al. 2017's published settings per dataset and task shape, see
+``maml_recipe``); ``resolve`` fills them in, and the resolved config is what a
+run directory records.
 """
 
 from __future__ import annotations
@@ -13,12 +13,36 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from fewshot_nsl.errors import UserError
 
 METHODS = ("protonet", "maml")
+LR_SCHEDULES = ("step", "cosine", "constant")
+
+
+def maml_recipe(dataset: str, ways: int, shots: int) -> dict[str, Any]:
+    """Finn et al. (2017)'s MAML settings for a dataset and task shape.
+
+    Sources: the paper's Appendix A.1 ("the 5-way ... models were each trained
+    with 1 gradient step with step size 0.4 and a meta batch-size of 32 tasks
+    ... evaluated using 3 gradient steps"; "the 20-way convolutional MAML model
+    was trained and evaluated with 5 gradient steps with step size 0.1 ... meta
+    batch-size was set to 16"; Mini-ImageNet: "5 gradient steps of size 0.01,
+    and evaluated using 10 gradient steps", "15 examples per class", "a meta
+    batch-size of 4 and 2 tasks for 1-shot and 5-shot") and Sec. 5.2 (32
+    filters on Mini-ImageNet); its code, github.com/cbfinn/maml main.py
+    (Omniglot meta-training draws ``update_batch_size * 2`` images per class,
+    i.e. as many queries as shots; meta_lr 0.001, constant). Omniglot's 20-way
+    settings apply to 20 or more ways; any dataset other than Omniglot gets
+    the Mini-ImageNet (natural image) recipe.
+    """
+    if dataset == "omniglot":
+        if ways >= 20:
+            return {"meta_batch": 16, "inner_steps": 5, "eval_inner_steps": 5, "inner_lr": 0.1, "width": 64, "queries": shots}
+        return {"meta_batch": 32, "inner_steps": 1, "eval_inner_steps": 3, "inner_lr": 0.4, "width": 64, "queries": shots}
+    return {"meta_batch": 4 if shots == 1 else 2, "inner_steps": 5, "eval_inner_steps": 10, "inner_lr": 0.01,
+            "width": 32, "queries": 15}  # fmt: skip
 
 
 @dataclass
@@ -41,12 +65,14 @@ class RunConfig:
     # training task and budget
     ways: int = 20
     shots: int = 5
-    queries: int = 5
+    queries: int | None = None
     episodes: int = 2000
     meta_batch: int | None = None
     lr: float = 1e-3
+    lr_schedule: str | None = None
     lr_step: int = 2000
     lr_gamma: float = 0.5
+    min_lr: float = 1e-5
     weight_decay: float = 0.0
     # MAML
     inner_steps: int | None = None
@@ -55,8 +81,15 @@ class RunConfig:
     first_order: bool = False
     meta_sgd: bool = False
     anil: bool = False
-    head: str = "zero"
+    head: str = "learned"
+    inner_loss: str = "mean"
     vectorise: bool | None = None
+    # MAML++ switches (Antoniou et al. 2019); cosine annealing is lr_schedule: cosine
+    per_step_bn: bool = False
+    lslr: bool = False
+    multi_step_loss: bool = False
+    msl_anneal_iterations: int = 5000
+    first_order_until: int = 0
     # validation and bookkeeping
     train_on_val: bool = False
     val_every: int = 500
@@ -83,20 +116,21 @@ class RunConfig:
         """Fill recipe defaults that depend on method and dataset, and check the result."""
         if self.method not in METHODS:
             raise UserError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        mini = self.dataset == "miniimagenet"
         maml = self.method == "maml"
+        recipe = maml_recipe(self.dataset, self.ways, self.shots) if maml else {"width": 64, "meta_batch": 1, "queries": 5}
         defaults: dict[str, Any] = {
-            "width": 32 if (maml and mini) else 64,
-            "meta_batch": (4 if mini else 32) if maml else 1,
-            "inner_steps": 5 if mini else 1,
-            "eval_inner_steps": 10 if mini else 3,
-            "inner_lr": 0.01 if mini else 0.4,
+            **recipe,
+            # Snell et al. halve the learning rate every 2000 iterations; Finn et al. keep it constant.
+            "lr_schedule": "constant" if maml else "step",
             # channels_last speeds up conv on CPU but slows second-order MAML.
             "channels_last": not maml,
-            # vmap over tasks turns convolutions into grouped ones: slower on CPU,
-            # meant for GPUs (benchmarks/maml_speed.py).
-            "vectorise": self.device.startswith("cuda") or (self.device == "auto" and torch.cuda.is_available()),
+            # vmap over the meta-batch: faster than task by task at every published task shape
+            # on a 2-core CPU (benchmarks/results/maml_speed.md) and saves kernel launches on GPUs;
+            # vectorise: false bounds memory by one task's graph instead.
+            "vectorise": True,
         }
+        if maml and self.head == "learned":
+            defaults["val_ways"] = self.ways  # a learned head scores exactly its training ways
         filled = {k: v for k, v in defaults.items() if getattr(self, k) is None}
         resolved = dataclasses.replace(self, **filled)
         for name in ("ways", "shots", "queries", "episodes", "meta_batch", "val_every", "val_episodes"):
@@ -104,6 +138,8 @@ class RunConfig:
                 raise UserError(f"{name} must be >= 1, got {getattr(resolved, name)}")
         if resolved.lr <= 0:
             raise UserError(f"lr must be > 0, got {resolved.lr}")
+        if resolved.lr_schedule not in LR_SCHEDULES:
+            raise UserError(f"unknown lr_schedule {resolved.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
         return resolved
 
     def to_dict(self) -> dict[str, Any]:

@@ -7,15 +7,13 @@ global random state.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewshot_nsl.backbones import build_backbone
 from fewshot_nsl.engine.evaluator import for_inference
 from fewshot_nsl.episodes.episode import Episode
 from fewshot_nsl.errors import UserError
@@ -24,106 +22,19 @@ from fewshot_nsl.learners.maml import MAML, _batch_norm
 from fewshot_nsl.learners.protonet import ProtoNet
 from fewshot_nsl.nsl import DynamicNSLConv2d, StaticNSLConv2d
 
-F64 = torch.float64
-
-
-# ----- helpers ----------------------------------------------------------------------
-
-
-def redraw_(module: nn.Module, generator: torch.Generator) -> nn.Module:
-    """Redraw every conv/linear (NSL included) weight and bias uniformly in ±1/sqrt(fan_in) from ``generator``."""
-    with torch.no_grad():
-        for layer in module.modules():
-            if isinstance(layer, (nn.Linear, nn.Conv2d, StaticNSLConv2d, DynamicNSLConv2d)):
-                bound = 1 / math.sqrt(layer.weight[0].numel())
-                for p in (layer.weight, layer.bias):
-                    if p is not None:
-                        p.copy_(torch.empty(p.shape, dtype=p.dtype).uniform_(-bound, bound, generator=generator))
-    return module
-
-
-def make_episode(
-    generator: torch.Generator,
-    ways: int,
-    shots: int,
-    queries: int,
-    image_shape: tuple[int, int, int],
-    dtype: torch.dtype = F64,
-) -> Episode:
-    """Random images; labels class-major as ``materialise`` produces them."""
-    labels = torch.arange(ways)
-    return Episode(
-        support_images=torch.randn(ways * shots, *image_shape, generator=generator, dtype=dtype),
-        support_labels=labels.repeat_interleave(shots),
-        query_images=torch.randn(ways * queries, *image_shape, generator=generator, dtype=dtype),
-        query_labels=labels.repeat_interleave(queries),
-        ways=ways,
-    )
-
-
-class TinyBackbone(nn.Module):
-    """tanh(Linear) on flattened (B, 1, 2, 2) images: small enough for finite differences."""
-
-    def __init__(self, features: int = 3):
-        super().__init__()
-        self.layer = nn.Linear(4, features, dtype=F64)
-        self.out_features = features
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.layer(images.flatten(1)))
-
-
-TINY_IMAGE = (1, 2, 2)
-
-
-def tiny_learner(generator: torch.Generator, **settings) -> MAML:
-    backbone = redraw_(TinyBackbone(), generator)
-    if settings.get("head") == "learned":
-        settings = {"ways": 2, "generator": generator, **settings}
-    return MAML(backbone, **settings)
-
-
-def conv4(generator: torch.Generator, image_size: int = 16, width: int = 8) -> nn.Module:
-    """The project's Conv-4 on 1-channel images, weights drawn from ``generator``."""
-    return redraw_(build_backbone("conv4", (1, image_size, image_size), width=width), generator)
-
-
-def meta_gradient(learner: MAML, episodes: list[Episode]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Meta-loss and its gradient w.r.t. every learner parameter."""
-    names, params = zip(*learner.named_parameters())
-    loss = learner.batch_loss(episodes).loss
-    return loss.detach(), dict(zip(names, torch.autograd.grad(loss, params)))
-
-
-def assert_gradients_close(actual: dict, expected: dict, rtol: float, atol: float) -> None:
-    assert actual.keys() == expected.keys()
-    for name in actual:
-        torch.testing.assert_close(actual[name], expected[name], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
-
-
-def meta_train(learner: FewShotLearner, batches: Iterable[list[Episode]], lr: float) -> list[float]:
-    """Adam on ``batch_loss`` over the given meta-batches; returns the meta-loss of each step.
-
-    Shared with the real-data (Omniglot) check, which feeds sampled episodes.
-    """
-    optimiser = torch.optim.Adam(learner.parameters(), lr=lr)
-    learner.train()
-    losses = []
-    for episodes in batches:
-        loss = learner.batch_loss(episodes).loss
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        losses.append(loss.item())
-    return losses
-
-
-def evaluate(learner: FewShotLearner, episodes: Iterable[Episode]) -> float:
-    """Mean query accuracy in eval mode under ``no_grad`` (how the evaluator runs)."""
-    learner.eval()
-    with torch.no_grad():
-        return learner.batch_loss(list(episodes)).accuracy
-
+from tests.maml_helpers import (
+    F64,
+    TINY_IMAGE,
+    TinyBackbone,
+    assert_gradients_close,
+    conv4,
+    evaluate,
+    make_episode,
+    meta_gradient,
+    meta_train,
+    redraw_,
+    tiny_learner,
+)
 
 # ----- meta-gradients ---------------------------------------------------------------
 
@@ -162,25 +73,38 @@ def test_second_order_meta_gradient_matches_finite_differences(steps: int, setti
 
 
 def reference_meta_gradient(
-    layer: nn.Linear, head: nn.Linear, episodes: list[Episode], lr: float, steps: int, first_order: bool
+    layer: nn.Linear,
+    head: nn.Linear,
+    episodes: list[Episode],
+    lr: float,
+    steps: int,
+    first_order: bool,
+    inner_loss: str,
 ) -> list[torch.Tensor]:
     """MAML written out by hand with ``torch.autograd.grad``, for TinyBackbone + a learned head.
 
     Second order keeps ``create_graph=True``; first order restarts every
     inner step from detached tensors and takes the query gradient at the
-    adapted parameters.
+    adapted parameters. The support loss is Finn et al.'s (summed
+    cross-entropy divided by the shots) or the mean cross-entropy.
     """
     meta = [layer.weight, layer.bias, head.weight, head.bias]
 
-    def loss(theta: list[torch.Tensor], images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss(theta: list[torch.Tensor], images: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         features = torch.tanh(F.linear(images.flatten(1), theta[0], theta[1]))
-        return F.cross_entropy(F.linear(features, theta[2], theta[3]), labels)
+        return F.cross_entropy(F.linear(features, theta[2], theta[3]), labels, reduction=reduction)
+
+    def support_loss_of(theta: list[torch.Tensor], e: Episode) -> torch.Tensor:
+        if inner_loss == "mean":
+            return loss(theta, e.support_images, e.support_labels)
+        shots = e.support_labels.numel() // e.ways
+        return loss(theta, e.support_images, e.support_labels, reduction="sum") / shots
 
     total = [torch.zeros_like(p) for p in meta]
     for e in episodes:
         theta = [p.detach().requires_grad_() for p in meta] if first_order else list(meta)
         for _ in range(steps):
-            support_loss = loss(theta, e.support_images, e.support_labels)
+            support_loss = support_loss_of(theta, e)
             grads = torch.autograd.grad(support_loss, theta, create_graph=not first_order)
             theta = [t - lr * g for t, g in zip(theta, grads)]
             if first_order:
@@ -190,15 +114,16 @@ def reference_meta_gradient(
     return total
 
 
+@pytest.mark.parametrize("inner_loss", ["mean", "tf-sum"])
 @pytest.mark.parametrize("first_order", [False, True], ids=["second-order", "first-order"])
 @pytest.mark.parametrize("steps", [1, 3])
-def test_meta_gradient_matches_hand_written_maml(first_order: bool, steps: int) -> None:
+def test_meta_gradient_matches_hand_written_maml(first_order: bool, steps: int, inner_loss: str) -> None:
     generator = torch.Generator().manual_seed(2)
-    learner = tiny_learner(generator, head="learned", inner_steps=steps, first_order=first_order)
+    learner = tiny_learner(generator, head="learned", inner_steps=steps, first_order=first_order, inner_loss=inner_loss)
     episodes = [make_episode(generator, 2, 3, 2, TINY_IMAGE) for _ in range(3)]
     _, got = meta_gradient(learner, episodes)
     layer, head = learner.backbone.layer, learner.head
-    expected = reference_meta_gradient(layer, head, episodes, learner.inner_lr, steps, first_order)
+    expected = reference_meta_gradient(layer, head, episodes, learner.inner_lr, steps, first_order, inner_loss)
     names = ["backbone.layer.weight", "backbone.layer.bias", "head.weight", "head.bias"]
     assert_gradients_close(got, dict(zip(names, expected)), rtol=1e-10, atol=1e-12)
 
@@ -247,11 +172,11 @@ def sequential_forbidden(*args: object) -> None:
 def test_vectorised_equals_sequential_on_conv4(first_order: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     generator = torch.Generator().manual_seed(9)
     backbone = conv4(generator).to(F64)
-    learner = MAML(backbone, inner_steps=2, first_order=first_order, meta_sgd=True)
+    learner = MAML(backbone, inner_steps=2, first_order=first_order, meta_sgd=True, head="zero")
     episodes = [make_episode(generator, 5, 1, 2, (1, 16, 16)) for _ in range(3)]
 
     with monkeypatch.context() as patch:
-        patch.setattr(learner, "_sequential", sequential_forbidden)
+        patch.setattr(learner, "_episode_outcome", sequential_forbidden)
         loss_v, grads_v = meta_gradient(learner, episodes)
     learner.vectorise = False
     loss_s, grads_s = meta_gradient(learner, episodes)
@@ -288,7 +213,7 @@ def test_episodes_of_different_ways_fall_back_to_sequential() -> None:
 
 def test_batchnorm_is_transductive_and_tasks_do_not_leak() -> None:
     generator = torch.Generator().manual_seed(12)
-    learner = MAML(conv4(generator), eval_inner_steps=2)
+    learner = MAML(conv4(generator), eval_inner_steps=2, head="zero")
     norms = [m for m in learner.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     assert norms and all(m.running_mean is None and m.running_var is None for m in norms)
     assert not any(m.track_running_stats for m in norms)
@@ -369,7 +294,7 @@ def test_meta_training_on_synthetic_tasks_improves_accuracy() -> None:
         labels = torch.arange(3)
         return Episode(draw(1), labels, draw(10), labels.repeat_interleave(10), 3)
 
-    learner = MAML(redraw_(TinyBackbone(features=8), generator), inner_lr=0.5, eval_inner_steps=1)
+    learner = MAML(redraw_(TinyBackbone(features=8), generator), inner_lr=0.5, eval_inner_steps=1, head="zero")
     held_out = [cluster_task() for _ in range(50)]
     before = evaluate(learner, held_out)
     meta_train(learner, ([cluster_task() for _ in range(8)] for _ in range(30)), lr=0.02)
@@ -418,7 +343,7 @@ def test_nsl_backbones_get_meta_gradients_everywhere(kind: str, form: str, monke
     episodes = [make_episode(generator, 2, 1, 2, (1, 8, 8), torch.float32) for _ in range(2)]
 
     with monkeypatch.context() as patch:
-        patch.setattr(learner, "_sequential", sequential_forbidden)
+        patch.setattr(learner, "_episode_outcome", sequential_forbidden)
         loss_v, grads_v = meta_gradient(learner, episodes)
     learner.vectorise = False
     loss_s, grads_s = meta_gradient(learner, episodes)
@@ -514,6 +439,6 @@ def test_learned_head_is_drawn_from_a_generator_only(seed: int | None) -> None:
 def test_zero_head_takes_each_episodes_ways() -> None:
     """``ways`` (passed by configs for every head) does not constrain the zero head."""
     generator = torch.Generator().manual_seed(19)
-    learner = MAML(redraw_(TinyBackbone(), generator), ways=5)
+    learner = MAML(redraw_(TinyBackbone(), generator), ways=5, head="zero")
     episode = make_episode(generator, 3, 1, 2, TINY_IMAGE)
     assert learner.fit(episode.support_images, episode.support_labels, 3)(episode.query_images).shape == (6, 3)

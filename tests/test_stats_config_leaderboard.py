@@ -3,7 +3,6 @@
 import math
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from fewshot_nsl.config import RunConfig, load_config
@@ -32,7 +31,8 @@ def test_yaml_config_and_unknown_keys(tmp_path):
     good = tmp_path / "good.yaml"
     good.write_text("method: protonet\nways: 60\nshots: 1\n")
     config = load_config(good)
-    assert (config.ways, config.shots, config.queries) == (60, 1, 5)
+    assert (config.ways, config.shots, config.queries) == (60, 1, None)
+    assert config.resolve().queries == 5  # ProtoNet's default (Snell et al.: 5 queries in training)
     bad = tmp_path / "bad.yaml"
     bad.write_text("ways: 5\nwayz: 7\n")
     with pytest.raises(UserError, match="unknown config key\\(s\\) wayz; valid keys: method, backbone"):
@@ -45,9 +45,10 @@ def test_yaml_config_and_unknown_keys(tmp_path):
 
 
 def test_resolve_fills_recipe_defaults_per_dataset():
-    omniglot = RunConfig(method="maml").resolve()
+    # Field by field against the papers: tests/test_maml_recipe.py. Here: the dataset decides.
+    omniglot = RunConfig(method="maml", ways=5, shots=1).resolve()
     assert (omniglot.inner_lr, omniglot.inner_steps, omniglot.eval_inner_steps, omniglot.meta_batch, omniglot.width) == (0.4, 1, 3, 32, 64)
-    mini = RunConfig(method="maml", dataset="miniimagenet").resolve()
+    mini = RunConfig(method="maml", dataset="miniimagenet", ways=5, shots=1).resolve()
     assert (mini.inner_lr, mini.inner_steps, mini.eval_inner_steps, mini.meta_batch, mini.width) == (0.01, 5, 10, 4, 32)
     assert RunConfig().resolve().channels_last is True and mini.channels_last is False
     assert RunConfig(method="maml", inner_lr=0.1).resolve().inner_lr == 0.1

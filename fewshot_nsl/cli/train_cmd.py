@@ -6,8 +6,9 @@ import argparse
 
 from fewshot_nsl.backbones import BACKBONES
 from fewshot_nsl.backbones.similarity import FORMS, KINDS
-from fewshot_nsl.config import METHODS, RunConfig, load_config
+from fewshot_nsl.config import LR_SCHEDULES, METHODS, RunConfig, load_config
 from fewshot_nsl.engine.trainer import train
+from fewshot_nsl.learners.maml import HEADS, INNER_LOSSES
 
 
 def _flag(value: str) -> bool:
@@ -35,21 +36,32 @@ OPTIONS: list[tuple[str, object, str]] = [
     ("--data-root", str, "folder holding omniglot/ and miniimagenet/ (default $FEWSHOT_NSL_DATA or ~/.cache/fewshot-nsl/data)"),
     ("--ways", int, "classes per training episode"),
     ("--shots", int, "support images per class in training"),
-    ("--queries", int, "query images per class in training"),
+    ("--queries", int, "query images per class in training (default 5; MAML: shots on Omniglot, 15 elsewhere, as Finn et al.)"),
     ("--episodes", int, "training iterations (each draws --meta-batch episodes)"),
-    ("--meta-batch", int, "episodes per optimiser step (default 1; MAML 32 Omniglot, 4 Mini-ImageNet)"),
+    ("--meta-batch", int, "episodes per optimiser step (default 1; MAML: Finn et al.'s, 32 Omniglot 5-way, 16 20-way, 4/2 Mini-ImageNet 1/5-shot)"),
     ("--lr", float, "Adam learning rate (default 1e-3)"),
-    ("--lr-step", int, "multiply the learning rate by --lr-gamma every this many iterations (default 2000)"),
-    ("--lr-gamma", float, "learning-rate decay factor (default 0.5)"),
+    ("--lr-schedule", LR_SCHEDULES, "step (ProtoNet default), cosine to --min-lr (MAML++'s CA) or constant (MAML default)"),
+    ("--lr-step", int, "step schedule: multiply the learning rate by --lr-gamma every this many iterations (default 2000)"),
+    ("--lr-gamma", float, "step schedule: decay factor (default 0.5)"),
+    ("--min-lr", float, "cosine schedule: final learning rate (default 1e-5, as MAML++)"),
     ("--weight-decay", float, "Adam weight decay (default 0)"),
-    ("--inner-steps", int, "MAML adaptation steps in training (default 1 Omniglot, 5 Mini-ImageNet)"),
-    ("--eval-inner-steps", int, "MAML adaptation steps at evaluation (default 3 Omniglot, 10 Mini-ImageNet)"),
-    ("--inner-lr", float, "MAML inner learning rate (default 0.4 Omniglot, 0.01 Mini-ImageNet)"),
+    ("--inner-steps", int, "MAML adaptation steps in training (default 1 Omniglot 5-way, 5 Omniglot 20-way and Mini-ImageNet)"),
+    ("--eval-inner-steps", int, "MAML adaptation steps at evaluation (default 3 Omniglot 5-way, 5 20-way, 10 Mini-ImageNet)"),
+    ("--inner-lr", float, "MAML inner learning rate (default 0.4 Omniglot 5-way, 0.1 20-way, 0.01 Mini-ImageNet)"),
     ("--first-order", "store_true", "first-order MAML (no second derivatives)"),
     ("--meta-sgd", "store_true", "learn a per-parameter inner learning rate (Meta-SGD)"),
     ("--anil", "store_true", "adapt only the head in the inner loop (ANIL)"),
-    ("--head", ("zero", "learned"), "MAML head: zero-initialised per episode (default) or meta-learned"),
-    ("--vectorise", _flag, "MAML: vmap the meta-batch over tasks, true/false (default true on CUDA, false on CPU)"),
+    ("--head", HEADS, "MAML head: learned (default; Finn et al.'s meta-learned linear layer, fixed ways) or zero "
+     "(Kao et al. 2022's zeroing trick: zero weights every task, any ways; caveat: the first inner step then gives "
+     "the backbone a zero gradient, so with 1 inner step the backbone is never adapted in training)"),
+    ("--inner-loss", INNER_LOSSES, "MAML support loss: mean (default; Finn et al.'s paper, MAML++) or tf-sum (the "
+     "scaling in Finn et al.'s TensorFlow code: summed cross-entropy / shots, a ways-times larger step)"),
+    ("--per-step-bn", "store_true", "MAML++ BNWB: per-inner-step BatchNorm weights and biases"),
+    ("--lslr", "store_true", "MAML++ LSLR: learned inner learning rate per layer and step"),
+    ("--multi-step-loss", "store_true", "MAML++ MSL: query loss after every inner step, weights annealed to the last"),
+    ("--msl-anneal-iterations", int, "MAML++ MSL: meta-iterations to anneal over (default 5000)"),
+    ("--first-order-until", int, "MAML++ DA: first order up to this meta-iteration, second order after (default 0)"),
+    ("--vectorise", _flag, "MAML: vmap the meta-batch over tasks, true/false (default true: faster, see benchmarks/results/maml_speed.md; false backpropagates task by task, memory of one task)"),
     ("--train-on-val", "store_true", "train on train + val classes (Snell et al.'s final models); no validation, the last checkpoint is used"),
     ("--val-every", int, "validate every this many iterations (default 500)"),
     ("--val-episodes", int, "validation episodes (default 200)"),

@@ -13,13 +13,14 @@ from tqdm import tqdm
 
 import fewshot_nsl
 from fewshot_nsl.backbones import parameter_count, resolve_similarity
+from fewshot_nsl.config import RunConfig
 from fewshot_nsl.data.dataset import ImageClassSet
 from fewshot_nsl.data.registry import dataset_spec, load_split
 from fewshot_nsl.engine.checkpoint import load_run
 from fewshot_nsl.episodes.episode import materialise
 from fewshot_nsl.episodes.manifest import Manifest, ManifestSpec, draw, manifest_path
 from fewshot_nsl.episodes.sampler import check_task_fits
-from fewshot_nsl.learners import FewShotLearner, build_learner
+from fewshot_nsl.learners import FewShotLearner, build_learner, recipe_columns
 from fewshot_nsl.nsl import fold_static_nsl
 from fewshot_nsl.results import leaderboard
 from fewshot_nsl.results.stats import Summary, confidence_interval
@@ -63,13 +64,19 @@ class EvalRequest:
     progress: bool = True
 
 
-def select_manifest(request: EvalRequest, dataset: str, protocol: str, test_set: ImageClassSet, train_shots: int) -> Manifest:
+def fixed_ways(config: RunConfig) -> int | None:
+    """The only ways a trained learner can score (MAML's learned head), else ``None``."""
+    return config.ways if (config.method == "maml" and config.head == "learned") else None
+
+
+def select_manifest(request: EvalRequest, config: RunConfig, test_set: ImageClassSet) -> Manifest:
     """An explicit manifest, else the standard one for this task, else episodes drawn now with seed 0."""
     if request.manifest is not None:
         return Manifest.load(request.manifest)
-    spec = dataset_spec(dataset)
+    spec = dataset_spec(config.dataset)
     wanted = ManifestSpec(
-        Path(dataset).name, protocol, "test", request.ways or spec.eval_ways, request.shots or train_shots,
+        Path(config.dataset).name, config.protocol, "test", request.ways or fixed_ways(config) or spec.eval_ways,
+        request.shots or config.shots,
         request.queries or spec.eval_queries, request.episodes or spec.eval_episodes,
     )  # fmt: skip
     check_task_fits(test_set, wanted.ways, wanted.shots, wanted.queries)
@@ -101,7 +108,7 @@ def evaluate_run(request: EvalRequest) -> tuple[Summary, dict]:
     device = resolve_device(request.device)
     layout = memory_format(bool(config.channels_last))
     test_set = load_split(config.dataset, "test", config.protocol, request.data_root or config.data_root, config.image_size)
-    manifest = select_manifest(request, config.dataset, config.protocol, test_set, config.shots)
+    manifest = select_manifest(request, config, test_set)
     learner = build_learner(config, test_set.image_shape)
     learner.load_state_dict(state)
     parameters = parameter_count(learner)
@@ -124,7 +131,7 @@ def evaluate_run(request: EvalRequest) -> tuple[Summary, dict]:
         "manifest_hash": manifest.content_hash(), "parameters": parameters,
         "train_episodes": train_summary.get("iterations"), "train_seconds": train_summary.get("train_seconds"),
         "seed": config.seed, "version": fewshot_nsl.__version__, "git_commit": git_commit(),
-        "run_dir": str(request.run_dir),
+        "run_dir": str(request.run_dir), **recipe_columns(config),
     }  # fmt: skip
     leaderboard.append(request.leaderboard, row)
     return summary, row

@@ -40,6 +40,20 @@ def regularisation(learner: FewShotLearner) -> torch.Tensor | float:
     )
 
 
+def learning_rate_schedule(optimizer: torch.optim.Optimizer, config: RunConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """The meta learning-rate schedule, stepped once per iteration.
+
+    ``step``: times ``lr_gamma`` every ``lr_step`` iterations (Snell et al.);
+    ``cosine``: from ``lr`` down to ``min_lr`` over the run (MAML++'s CA);
+    ``constant``: Finn et al.'s MAML.
+    """
+    if config.lr_schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step, gamma=config.lr_gamma)
+    if config.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.episodes, eta_min=config.min_lr)
+    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+
+
 def default_run_dir(config: RunConfig) -> Path:
     similarity = config.similarity or ("static" if config.backbone.startswith("nsl-") else "conv")
     return Path("runs") / f"{config.method}-{config.backbone}-{similarity}-{Path(config.dataset).name}-seed{config.seed}"
@@ -75,7 +89,7 @@ def train(config: RunConfig, overwrite: bool = False, progress: bool = True) -> 
     layout = memory_format(bool(config.channels_last))
     learner.to(device, memory_format=layout)
     optimizer = torch.optim.Adam(learner.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step, gamma=config.lr_gamma)
+    schedule = learning_rate_schedule(optimizer, config)
     sampler = EpisodeSampler(train_set, config.ways, config.shots, config.queries, torch.Generator().manual_seed(config.seed))
 
     best_acc: float | None = None
@@ -87,10 +101,13 @@ def train(config: RunConfig, overwrite: bool = False, progress: bool = True) -> 
         bar = tqdm(range(1, config.episodes + 1), disable=not progress, desc="train", unit="it", dynamic_ncols=True)
         for iteration in bar:
             learner.train()
+            learner.set_iteration(iteration - 1)
             batch = [sampler.sample().to(device, layout) for _ in range(config.meta_batch)]
-            result = learner.batch_loss(batch)
             optimizer.zero_grad(set_to_none=True)
-            (result.loss + regularisation(learner)).backward()
+            result = learner.backward_batch(batch)
+            penalty = regularisation(learner)
+            if isinstance(penalty, torch.Tensor):
+                penalty.backward()
             optimizer.step()
             schedule.step()
             window_loss.append(result.loss.item())

@@ -59,6 +59,19 @@ class FewShotLearner(nn.Module, abc.ABC):
         logits = [self.episode_logits(episode) for episode in episodes]
         return summarise(logits, [episode.query_labels for episode in episodes])
 
+    def backward_batch(self, episodes: Sequence[Episode]) -> BatchResult:
+        """Accumulate the gradient of ``batch_loss`` into ``.grad``; the returned loss is detached.
+
+        What the trainer calls: learners that can backpropagate task by task
+        (bounding memory by one task's graph, e.g. sequential MAML) override it.
+        """
+        result = self.batch_loss(episodes)
+        result.loss.backward()
+        return BatchResult(result.loss.detach(), result.accuracy)
+
+    def set_iteration(self, iteration: int) -> None:
+        """Training progress (meta-iterations done), for learners whose recipe anneals with it."""
+
 
 def summarise(logits: Sequence[torch.Tensor], labels: Sequence[torch.Tensor]) -> BatchResult:
     """Mean loss over episodes and accuracy over all their queries."""

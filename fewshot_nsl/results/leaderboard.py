@@ -2,7 +2,9 @@
 
 Appending rewrites the file through a temporary file and ``os.replace``, so
 a crash or a bad row never truncates results already written; a file that
-cannot be parsed is refused rather than overwritten.
+cannot be parsed is refused rather than overwritten. Appends hold a file
+lock (``<name>.lock`` beside the CSV) from read to replace, so concurrent
+writers (two evaluations, two benchmark processes) never lose each other's rows.
 """
 
 from __future__ import annotations
@@ -13,13 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from filelock import FileLock
 
 from fewshot_nsl.errors import UserError
 
 COLUMNS = [
     "timestamp", "method", "backbone", "similarity", "dataset", "protocol", "ways", "shots", "queries",
     "episodes", "acc", "ci95", "manifest", "manifest_hash", "parameters", "train_episodes", "train_seconds",
-    "seed", "version", "git_commit", "run_dir",
+    "seed", "version", "git_commit", "run_dir", "recipe", "train_ways", "train_shots", "train_queries",
+    "meta_batch", "lr_schedule", "maml_head", "inner_steps", "eval_inner_steps", "inner_lr", "inner_loss", "maml_order",
+    "maml_plus_plus",
 ]  # fmt: skip
 RANK_KEYS = ["dataset", "protocol", "ways", "shots"]
 
@@ -40,18 +45,19 @@ def read(path: Path) -> pd.DataFrame:
 
 def append(path: Path, row: dict[str, Any]) -> pd.DataFrame:
     """Add one row, keeping every existing row and any extra columns."""
-    frame = read(path)
-    new = pd.DataFrame([{column: row.get(column) for column in COLUMNS} | row])
-    combined = new if frame.empty else pd.concat([frame, new], ignore_index=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        combined.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with FileLock(str(path) + ".lock"):
+        frame = read(path)
+        new = pd.DataFrame([{column: row.get(column) for column in COLUMNS} | row])
+        combined = new if frame.empty else pd.concat([frame, new], ignore_index=True)
+        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(handle)
+        try:
+            combined.to_csv(tmp, index=False)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return combined
 
 
@@ -66,10 +72,12 @@ def ranked(frame: pd.DataFrame, dataset: str | None = None, ways: int | None = N
 
 def render(frame: pd.DataFrame, fmt: str) -> str:
     """A compact table: ``markdown`` (aligned text) or ``csv``."""
+    recipes = frame["recipe"].astype(object) if "recipe" in frame else pd.Series(None, index=frame.index, dtype=object)
+    frame = frame.assign(recipe=recipes.fillna("—"))
     shown = frame.assign(
         **{"acc %": (100 * frame["acc"]).round(2), "± ci95": (100 * frame["ci95"]).round(2)}
     )[["rank", "dataset", "protocol", "ways", "shots", "method", "backbone", "similarity", "acc %", "± ci95",
-       "episodes", "parameters", "train_episodes", "seed", "run_dir"]]  # fmt: skip
+       "episodes", "parameters", "train_episodes", "seed", "recipe", "run_dir"]]  # fmt: skip
     if fmt == "csv":
         return shown.to_csv(index=False)
     header = "| " + " | ".join(shown.columns) + " |"
@@ -86,7 +94,9 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     labels = [
-        f"{r.method}/{r.backbone}/{r.similarity} · {r.dataset} {r.ways}w{r.shots}s" for r in frame.itertuples()
+        f"{r.method}/{r.backbone}/{r.similarity} · {r.dataset} {r.ways}w{r.shots}s"
+        + (f" · {r.recipe}" if isinstance(getattr(r, "recipe", None), str) else "")
+        for r in frame.itertuples()
     ]
     figure, axis = plt.subplots(figsize=(9, 0.4 * len(frame) + 1.2))
     axis.barh(range(len(frame)), 100 * frame["acc"], xerr=100 * frame["ci95"], capsize=3, color="tab:blue")
