@@ -13,12 +13,14 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from fewshot_nsl.errors import UserError
 
 METHODS = ("protonet", "maml")
 LR_SCHEDULES = ("step", "cosine", "constant")
+CPU_VECTORISE_MAX_IMAGES = 16  # support + query images per task; see RunConfig._vectorise_by_default
 
 
 def maml_recipe(dataset: str, ways: int, shots: int) -> dict[str, Any]:
@@ -124,10 +126,7 @@ class RunConfig:
             "lr_schedule": "constant" if maml else "step",
             # channels_last speeds up conv on CPU but slows second-order MAML.
             "channels_last": not maml,
-            # vmap over the meta-batch: faster than task by task at every published task shape
-            # on a 2-core CPU (benchmarks/results/maml_speed.md) and saves kernel launches on GPUs;
-            # vectorise: false bounds memory by one task's graph instead.
-            "vectorise": True,
+            "vectorise": self._vectorise_by_default(recipe.get("queries", 5)),
         }
         if maml and self.head == "learned":
             defaults["val_ways"] = self.ways  # a learned head scores exactly its training ways
@@ -141,6 +140,21 @@ class RunConfig:
         if resolved.lr_schedule not in LR_SCHEDULES:
             raise UserError(f"unknown lr_schedule {resolved.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
         return resolved
+
+    def _vectorise_by_default(self, recipe_queries: int) -> bool:
+        """vmap MAML's meta-batch on CUDA (one launch per layer for all tasks), and on CPU for tiny tasks.
+
+        On a 2-core CPU vmap is 1.35-1.47x faster than task by task for Omniglot 5-way
+        1-shot 1-query tasks (10 images) but 5-17% slower for 20-way 1-shot (40 images)
+        and Mini-ImageNet 5-way 1-shot 15-query (80 images)
+        (benchmarks/results/maml_speed.md), so the CPU default vectorises tasks of at
+        most ``CPU_VECTORISE_MAX_IMAGES`` images. Task by task also bounds memory by one
+        task's graph.
+        """
+        if self.device.startswith("cuda") or (self.device == "auto" and torch.cuda.is_available()):
+            return True
+        queries = self.queries if self.queries is not None else recipe_queries
+        return self.ways * (self.shots + queries) <= CPU_VECTORISE_MAX_IMAGES
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

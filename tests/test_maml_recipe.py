@@ -198,3 +198,15 @@ def test_trainer_interface_default_backward_batch_matches_batch_loss() -> None:
     torch.testing.assert_close(result.loss, loss_all)
     assert not result.loss.requires_grad
     assert_gradients_close({n: p.grad for n, p in learner.named_parameters()}, grads_all, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize(
+    "task,expected",
+    [(("omniglot", 5, 1), True), (("omniglot", 20, 1), False), (("miniimagenet", 5, 1), False), (("omniglot", 5, 5), False)],
+    ids=["omniglot-5w1s", "omniglot-20w1s", "mini-5w1s", "omniglot-5w5s"],
+)
+def test_cpu_vectorises_only_the_tiny_tasks_where_vmap_was_measured_faster(task: tuple, expected: bool) -> None:
+    dataset, ways, shots = task
+    config = RunConfig(method="maml", dataset=dataset, ways=ways, shots=shots, device="cpu").resolve()
+    assert config.vectorise is expected
+    assert RunConfig(method="maml", dataset=dataset, ways=ways, shots=shots, vectorise=not expected).resolve().vectorise is (not expected)
