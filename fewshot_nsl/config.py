@@ -98,6 +98,8 @@ class RunConfig:
     val_episodes: int = 200
     val_ways: int | None = None
     val_shots: int | None = None
+    checkpoint_every: int = 500
+    skip_nonfinite: bool = False
     seed: int = 0
     device: str = "auto"
     channels_last: bool | None = None
@@ -132,7 +134,7 @@ class RunConfig:
             defaults["val_ways"] = self.ways  # a learned head scores exactly its training ways
         filled = {k: v for k, v in defaults.items() if getattr(self, k) is None}
         resolved = dataclasses.replace(self, **filled)
-        for name in ("ways", "shots", "queries", "episodes", "meta_batch", "val_every", "val_episodes"):
+        for name in ("ways", "shots", "queries", "episodes", "meta_batch", "val_every", "val_episodes", "checkpoint_every"):
             if getattr(resolved, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(resolved, name)}")
         if resolved.lr <= 0:

@@ -26,8 +26,8 @@ EXPECTED_CONV4 = {
     "static-diagonal": conv4_parameters(1, lambda c: 9),
     "static-full": conv4_parameters(1, lambda c: 81),
     # meta-network: conv3×3 C→64 (no bias), BN(64), conv3×3 64→9 (+bias) or 64→81 (+bias)
-    "dynamic-diagonal": conv4_parameters(1, lambda c: c * 64 * 9 + 128 + 64 * 9 * 9 + 9),
-    "dynamic-full": conv4_parameters(1, lambda c: c * 64 * 9 + 128 + 64 * 81 * 9 + 81),
+    "dynamic-diagonal-h64": conv4_parameters(1, lambda c: c * 64 * 9 + 128 + 64 * 9 * 9 + 9),
+    "dynamic-full-h64": conv4_parameters(1, lambda c: c * 64 * 9 + 128 + 64 * 81 * 9 + 81),
 }
 
 
@@ -85,7 +85,8 @@ def test_seeded_construction_is_reproducible_and_leaves_global_rng_alone():
 
 def test_similarity_choices_and_errors():
     assert resolve_similarity("nsl-conv4", None).label == "static-diagonal"
-    assert resolve_similarity("nsl-conv4", "dynamic", "full").label == "dynamic-full"
+    assert resolve_similarity("nsl-conv4", "dynamic", "full").label == "dynamic-full-h64"
+    assert resolve_similarity("nsl-conv4", "dynamic", "diagonal", 16).label == "dynamic-diagonal-h16"
     assert resolve_similarity("conv4", None).label == "conv"
     with pytest.raises(UserError, match="needs an NSL backbone"):
         resolve_similarity("conv4", "static")

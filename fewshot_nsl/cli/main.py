@@ -11,7 +11,7 @@ import sys
 
 from fewshot_nsl import __version__
 from fewshot_nsl.cli import data_cmd, episodes_cmd, eval_cmd, info_cmd, leaderboard_cmd, train_cmd
-from fewshot_nsl.errors import UserError
+from fewshot_nsl.errors import Interrupted, UserError
 from fewshot_nsl.runtime import reexec_with_fast_malloc
 
 COMMANDS = (train_cmd, eval_cmd, leaderboard_cmd, data_cmd, episodes_cmd, info_cmd)
@@ -38,6 +38,9 @@ def run(argv: list[str]) -> int:
     except UserError as error:
         print(f"fewshot-nsl: error: {error}", file=sys.stderr)
         return 2
+    except Interrupted as stop:
+        print(f"fewshot-nsl: {stop}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("fewshot-nsl: interrupted; checkpoints and leaderboard rows already written are kept", file=sys.stderr)
         return 130

@@ -84,15 +84,18 @@ def select_manifest(request: EvalRequest, config: RunConfig, test_set: ImageClas
     return Manifest.load(path) if path.exists() else draw(wanted, test_set)
 
 
-def git_commit() -> str:
+def source_state() -> tuple[str, bool | None]:
+    """The commit of the code that runs, and whether the tree has uncommitted changes to it."""
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=Path(fewshot_nsl.__file__).parent, capture_output=True, text=True, timeout=5)
+
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(fewshot_nsl.__file__).parent,
-            capture_output=True, text=True, timeout=5,
-        )  # fmt: skip
+        commit, status = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--untracked-files=no", ".")
     except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
+        return "unknown", None
+    if commit.returncode != 0:
+        return "unknown", None
+    return commit.stdout.strip(), bool(status.stdout.strip())
 
 
 def for_inference(learner: FewShotLearner) -> FewShotLearner:
@@ -122,6 +125,7 @@ def evaluate_run(request: EvalRequest) -> tuple[Summary, dict]:
         writer.writerow(["episode", "acc"])
         writer.writerows(enumerate(accuracies))
     similarity = resolve_similarity(config.backbone, config.similarity, config.nsl_form, config.nsl_hidden)
+    commit, dirty = source_state()
     row = {
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "method": config.method, "backbone": config.backbone, "similarity": similarity.label,
@@ -130,7 +134,7 @@ def evaluate_run(request: EvalRequest) -> tuple[Summary, dict]:
         "acc": round(summary.mean, 6), "ci95": round(summary.ci95, 6), "manifest": manifest.spec.name,
         "manifest_hash": manifest.content_hash(), "parameters": parameters,
         "train_episodes": train_summary.get("iterations"), "train_seconds": train_summary.get("train_seconds"),
-        "seed": config.seed, "version": fewshot_nsl.__version__, "git_commit": git_commit(),
+        "seed": config.seed, "version": fewshot_nsl.__version__, "git_commit": commit, "git_dirty": dirty,
         "run_dir": str(request.run_dir), **recipe_columns(config),
     }  # fmt: skip
     leaderboard.append(request.leaderboard, row)
