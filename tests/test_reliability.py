@@ -182,3 +182,34 @@ def test_missing_real_data_fails_unless_skipping_is_asked_for(tmp_path: Path, sk
         assert done.returncode == 0 and "1 skipped" in done.stdout and "FEWSHOT_NSL_SKIP_REAL_DATA=1" in done.stdout
     else:
         assert done.returncode == 1 and "1 error" in done.stdout and "real data not found" in done.stdout
+
+
+class _DiskFull:
+    """Pickling this fails the way a full disk does, midway through a checkpoint."""
+
+    def __reduce__(self):
+        raise OSError(28, "No space left on device")
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path: Path) -> None:
+    from fewshot_nsl.engine.checkpoint import save_atomically
+
+    path = tmp_path / "last.pt"
+    save_atomically({"model": {"w": torch.ones(2)}}, path)
+    with pytest.raises(UserError, match="No space left on device.*previous last.pt is intact"):
+        save_atomically({"model": {"w": torch.zeros(2)}, "extra": _DiskFull()}, path)
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
+
+
+@pytest.mark.real_data
+def test_a_checkpoint_of_another_model_is_refused_naming_the_difference(tmp_path: Path, env: dict) -> None:
+    config = RunConfig(method="protonet", width=8, ways=5, shots=1, queries=1, episodes=2, val_every=1000, run_dir="runs/a")
+    train(config, progress=False)
+    edited = (tmp_path / "runs/a/config.yaml").read_text().replace("width: 8", "width: 16")
+    (tmp_path / "runs/a/config.yaml").write_text(edited)
+    assert run(["eval", "--run-dir", "runs/a", "--episodes", "5", "--no-progress"]) == 2
+    with pytest.raises(UserError, match="width 8 in best.pt vs 16 in config.yaml"):
+        from fewshot_nsl.engine.checkpoint import load_run
+
+        load_run(tmp_path / "runs/a")

@@ -35,8 +35,14 @@ def test_yaml_config_and_unknown_keys(tmp_path):
     assert config.resolve().queries == 5  # ProtoNet's default (Snell et al.: 5 queries in training)
     bad = tmp_path / "bad.yaml"
     bad.write_text("ways: 5\nwayz: 7\n")
-    with pytest.raises(UserError, match="unknown config key\\(s\\) wayz; valid keys: method, backbone"):
+    with pytest.raises(UserError, match="unknown config key\\(s\\) wayz \\(did you mean ways\\?\\); valid keys: method, backbone"):
         load_config(bad)
+    typed = tmp_path / "typed.yaml"
+    typed.write_text("ways: five\n")
+    with pytest.raises(UserError, match="config key ways must be an integer, got 'five'"):
+        load_config(typed)
+    typed.write_text("lr: 1e-3\nfirst_order: true\n")  # YAML reads 1e-3 as text
+    assert load_config(typed).lr == 0.001
     with pytest.raises(UserError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
     (tmp_path / "broken.yaml").write_text("ways: [5\n")

@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Few-shot learning with Neural Similarity Learning: train, evaluate on fixed episodes, compare.",
     )
     parser.add_argument("--version", action="version", version=f"fewshot-nsl {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMANDS:
         module.register(commands)
@@ -36,6 +37,8 @@ def run(argv: list[str]) -> int:
     try:
         args.handler(args)
     except UserError as error:
+        if args.debug:
+            raise
         print(f"fewshot-nsl: error: {error}", file=sys.stderr)
         return 2
     except Interrupted as stop:

@@ -32,15 +32,26 @@ CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "train_summary.json"
 METRICS_FILE = "metrics.csv"
 BEST, LAST = "best.pt", "last.pt"
+# Config keys that decide the model's parameters: a checkpoint and config.yaml must agree on them.
+MODEL_KEYS = ("method", "backbone", "similarity", "nsl_form", "nsl_hidden", "width", "plain_stem", "distance",
+              "head", "ways", "meta_sgd", "lslr", "per_step_bn", "inner_steps")  # fmt: skip
 
 
 def save_atomically(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file, fsync, then rename over ``path`` (and fsync the folder)."""
+    """``torch.save`` to a temporary file, fsync, then rename over ``path`` (and fsync the folder).
+
+    A failed write (disk full, ...) removes the temporary file and leaves the previous ``path`` intact.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
+        raise UserError(f"could not write {path} ({error.strerror or error}); {kept}: free space and try again") from None
     os.replace(tmp, path)
     folder = os.open(path.parent, os.O_RDONLY)
     try:
@@ -125,6 +136,13 @@ def load_run(run_dir: Path, which: str = "best") -> tuple[RunConfig, dict[str, t
         raise UserError(f"{run_dir} has no {CONFIG_FILE} and {checkpoint.name}; train into it first with `fewshot-nsl train --run-dir {run_dir}`")
     config = read_config(run_dir)
     state = load_checkpoint(checkpoint)
+    differs = [
+        f"{key} {state['config'].get(key)!r} in {checkpoint.name} vs {getattr(config, key)!r} in {CONFIG_FILE}"
+        for key in MODEL_KEYS
+        if "config" in state and state["config"].get(key) != getattr(config, key)
+    ]
+    if differs:
+        raise UserError(f"{checkpoint} was trained as another model: {'; '.join(differs)}")
     summary_path = run_dir / SUMMARY_FILE
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     return config, state["model"], summary

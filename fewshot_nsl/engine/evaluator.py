@@ -16,7 +16,7 @@ from fewshot_nsl.backbones import parameter_count, resolve_similarity
 from fewshot_nsl.config import RunConfig
 from fewshot_nsl.data.dataset import ImageClassSet
 from fewshot_nsl.data.registry import dataset_spec, load_split
-from fewshot_nsl.engine.checkpoint import load_run
+from fewshot_nsl.engine.checkpoint import CONFIG_FILE, load_run
 from fewshot_nsl.episodes.episode import materialise
 from fewshot_nsl.episodes.manifest import Manifest, ManifestSpec, draw, manifest_path
 from fewshot_nsl.episodes.sampler import check_task_fits
@@ -113,7 +113,11 @@ def evaluate_run(request: EvalRequest) -> tuple[Summary, dict]:
     test_set = load_split(config.dataset, "test", config.protocol, request.data_root or config.data_root, config.image_size)
     manifest = select_manifest(request, config, test_set)
     learner = build_learner(config, test_set.image_shape)
-    learner.load_state_dict(state)
+    try:
+        learner.load_state_dict(state)
+    except RuntimeError as error:
+        detail = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
+        raise UserError(f"the checkpoint in {request.run_dir} does not fit the model its {CONFIG_FILE} builds ({detail})") from None
     parameters = parameter_count(learner)
     learner = for_inference(learner).to(device, memory_format=layout)
     summary, accuracies = evaluate_learner(learner, test_set, manifest, device, layout, request.progress)

@@ -216,7 +216,8 @@ def _run(config: RunConfig, run_dir: Path, data: _Data, state: dict | None, prog
                 handle.flush()
                 if done.best_acc is None or summary.mean > done.best_acc:
                     done.best_acc = summary.mean
-                    save_atomically({"model": learner.state_dict(), "iteration": iteration, "val_acc": done.best_acc}, run_dir / BEST)
+                    save_atomically({"model": learner.state_dict(), "iteration": iteration, "val_acc": done.best_acc,
+                                     **checkpoint_metadata(config)}, run_dir / BEST)  # fmt: skip
                 bar.write(f"iteration {iteration}: val {summary}" + (" (best)" if done.best_acc == summary.mean else ""))
             done.seconds = time.perf_counter() - started
             if iteration % config.checkpoint_every == 0 or iteration == config.episodes:
@@ -228,7 +229,8 @@ def _run(config: RunConfig, run_dir: Path, data: _Data, state: dict | None, prog
                     f"{run_dir / LAST}: continue with `fewshot-nsl train --resume {run_dir}`"
                 )
     if data.val_manifest is None:
-        save_atomically({"model": learner.state_dict(), "iteration": config.episodes, "val_acc": None}, run_dir / BEST)
+        save_atomically({"model": learner.state_dict(), "iteration": config.episodes, "val_acc": None,
+                         **checkpoint_metadata(config)}, run_dir / BEST)  # fmt: skip
     write_summary(
         run_dir,
         {"iterations": config.episodes, "train_seconds": round(done.seconds, 1), "best_val_acc": done.best_acc,
