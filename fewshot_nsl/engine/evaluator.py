@@ -20,6 +20,7 @@ from fewshot_nsl.engine.checkpoint import CONFIG_FILE, load_run
 from fewshot_nsl.episodes.episode import materialise
 from fewshot_nsl.episodes.manifest import Manifest, ManifestSpec, draw, manifest_path
 from fewshot_nsl.episodes.sampler import check_task_fits
+from fewshot_nsl.errors import UserError
 from fewshot_nsl.learners import FewShotLearner, build_learner, recipe_columns
 from fewshot_nsl.nsl import fold_static_nsl
 from fewshot_nsl.results import leaderboard
