@@ -39,6 +39,24 @@ def test_info_prints_parameter_counts(capsys):
     assert EXPECTED_CONV4["conv"] == 111_680  # the Conv-4 of Snell et al. on 1-channel input
 
 
+def resnet12_parameters(widths: tuple[int, ...], in_channels: int = 3) -> int:
+    """Per block: three 3×3 convs, three BatchNorms, a 1×1 shortcut conv and its BatchNorm (no biases)."""
+    total, previous = 0, in_channels
+    for w in widths:
+        total += previous * w * 9 + 2 * w * w * 9 + 3 * 2 * w + previous * w + 2 * w
+        previous = w
+    return total
+
+
+@pytest.mark.parametrize("name,widths,features", [("resnet12", (64, 160, 320, 640), 640), ("resnet12-512", (64, 128, 256, 512), 512)])
+def test_resnet12_variants_have_their_published_size(name, widths, features):
+    model = build_backbone(name, (3, 84, 84))
+    assert parameter_count(model) == resnet12_parameters(widths)
+    assert model.out_features == features and model(torch.randn(2, 3, 84, 84)).shape == (2, features)
+    if name == "resnet12":
+        assert round(parameter_count(model) / 1e6, 1) == 12.4  # MetaOptNet / FEAT's ResNet-12
+
+
 def test_resnet12_size_and_output():
     model = build_backbone("resnet12", (3, 32, 32))
     assert 12_000_000 < parameter_count(model) < 12_600_000  # ~12.4M as in MetaOptNet
