@@ -20,6 +20,7 @@ from fewshot_nsl.data.dataset import ImageClassSet, union
 from fewshot_nsl.data.registry import dataset_spec, load_split, resolve_protocol
 from fewshot_nsl.engine.checkpoint import (
     BEST,
+    CONFIG_FILE,
     LAST,
     METRICS_FILE,
     SUMMARY_FILE,
@@ -112,7 +113,10 @@ def resume(run_dir: Path, progress: bool = True) -> TrainResult:
     """Continue an interrupted run from its ``last.pt``, exactly as if it had never stopped."""
     config = read_config(run_dir)
     if not (run_dir / LAST).exists():
-        raise UserError(f"{run_dir} has no {LAST} to resume from; start it again with `fewshot-nsl train`")
+        raise UserError(
+            f"{run_dir} has no {LAST} to resume from (it stopped before its first checkpoint); start it again with "
+            f"`fewshot-nsl train --config {run_dir / CONFIG_FILE} --overwrite`"
+        )
     if (run_dir / SUMMARY_FILE).exists():
         raise UserError(f"{run_dir} is a finished run ({SUMMARY_FILE} exists); nothing to resume")
     state = load_checkpoint(run_dir / LAST)
