@@ -44,7 +44,7 @@ def start(env: dict, run_dir: str, *extra: str) -> subprocess.Popen:
 
 
 def wait_for_checkpoint(run_dir: Path, process: subprocess.Popen, at_least: int) -> None:
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600
     while time.monotonic() < deadline and process.poll() is None:
         last = run_dir / "last.pt"
         if last.exists() and load_checkpoint(last)["progress"]["iteration"] >= at_least:
