@@ -236,13 +236,12 @@ def tabulate(name: str, suite: Suite, board: Path, command: str, origin: dict, c
         )
     info = machine()
     text = (
-        f"# Accuracy suite `{name}`\n\nLast command: `{command}` at commit {origin['commit']}"
-        f"{' (DIRTY tree)' if origin['dirty'] else ''}, on {info['cpu_count']} CPU cores "
+        f"# Accuracy suite `{name}`\n\nLast command: `{command}`, on {info['cpu_count']} CPU cores "
         f"(torch {info['torch']}, device {'cuda' if info['cuda'] else 'cpu'}). {suite.note}\n\n" + "\n".join(lines) + "\n"
     )
     if curves is not None:
         text += curve_section(name, curves)
-    write_results(f"{name}-accuracy", {"machine": info, "provenance": origin, "rows": latest.to_dict(orient="records")}, text)
+    write_results(f"{name}-accuracy", {"machine": info, "rows": latest.to_dict(orient="records")}, text, origin)
 
 
 def curve_section(name: str, curves: pd.DataFrame) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -58,8 +59,15 @@ def provenance(allow_dirty: bool) -> dict[str, object]:
     return {"commit": commit, "dirty": dirty}
 
 
-def write_results(name: str, payload: dict, markdown: str) -> None:
+def add_allow_dirty(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-dirty", action="store_true", help="write results from uncommitted code (marked so)")
+
+
+def write_results(name: str, payload: dict, markdown: str, origin: dict[str, object]) -> None:
+    """The JSON and markdown results of a script, both naming the commit (and a dirty tree) they come from."""
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2))
+    stamp = f"Code: commit {origin['commit']}" + (" with UNCOMMITTED changes (--allow-dirty)" if origin["dirty"] else "")
+    markdown = markdown.rstrip("\n") + f"\n\n{stamp}.\n"
+    (RESULTS / f"{name}.json").write_text(json.dumps({"provenance": origin, **payload}, indent=2))
     (RESULTS / f"{name}.md").write_text(markdown)
     print(markdown)

@@ -36,7 +36,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import machine, write_results  # noqa: E402
+from benchmarks.common import add_allow_dirty, machine, provenance, write_results  # noqa: E402
 from benchmarks.nsl_overhead import layer_multiply_adds  # noqa: E402
 from fewshot_nsl.backbones.similarity import Similarity  # noqa: E402
 from fewshot_nsl.nsl import DynamicNSLConv2d  # noqa: E402
@@ -92,7 +92,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
+    add_allow_dirty(parser)
     args = parser.parse_args()
+    origin = provenance(args.allow_dirty or getattr(args, "quick", False))
     rows = []
     for shape_name, (batch, side, in_channels) in SHAPES.items():
         stem = in_channels != CHANNELS
@@ -149,7 +151,7 @@ def main() -> None:
         "`meta-network` and `modulated conv` rows split the dynamic layer into its two halves; `patch path` is the "
         "diagonal form's other implementation, which stems do not take.\n\n" + "\n".join(lines) + "\n"
     )
-    write_results("nsl_layer_overhead", {"machine": info, "rounds": args.rounds, "repeats": args.repeats, "rows": rows}, text)
+    write_results("nsl_layer_overhead", {"machine": info, "rounds": args.rounds, "repeats": args.repeats, "rows": rows}, text, origin)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import machine, write_results  # noqa: E402
+from benchmarks.common import add_allow_dirty, machine, provenance, write_results  # noqa: E402
 from fewshot_nsl.backbones import build_backbone  # noqa: E402
 from fewshot_nsl.backbones.similarity import Similarity  # noqa: E402
 from fewshot_nsl.episodes.episode import Episode  # noqa: E402
@@ -120,8 +120,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
+    add_allow_dirty(parser)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
+    origin = provenance(args.allow_dirty or getattr(args, "quick", False))
     rounds, repeats = (1, 1) if args.quick else (args.rounds, args.repeats)
     layout = torch.channels_last  # the shipped default for ProtoNet on CPU
     rows = []
@@ -181,7 +183,7 @@ def main() -> None:
         "FLOP ratios count the four 3×3 layers (forward, or forward + backward: see the script's docstring).\n\n"
         + "\n".join(lines) + "\n"
     )
-    write_results("nsl_overhead", {"machine": info, "rounds": rounds, "repeats": repeats, "rows": rows}, text)
+    write_results("nsl_overhead", {"machine": info, "rounds": rounds, "repeats": repeats, "rows": rows}, text, origin)
 
 
 if __name__ == "__main__":

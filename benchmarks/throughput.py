@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import data_root, machine, write_results  # noqa: E402
+from benchmarks.common import add_allow_dirty, data_root, machine, provenance, write_results  # noqa: E402
 from fewshot_nsl.config import RunConfig  # noqa: E402
 from fewshot_nsl.data.registry import load_split  # noqa: E402
 from fewshot_nsl.episodes.sampler import EpisodeSampler  # noqa: E402
@@ -87,10 +87,12 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
+    add_allow_dirty(parser)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps({"seconds_per_episode": worker(args.worker, args.channels_last, args.episodes)}))
         return
+    origin = provenance(args.allow_dirty or args.quick)
     episodes, rounds = (4, 1) if args.quick else (args.episodes, args.rounds)
     settings = [(False, False), (False, True), (True, False), (True, True)]
     samples: dict[tuple[str, bool, bool], list[float]] = {}
@@ -110,7 +112,7 @@ def main() -> None:
         f"`python benchmarks/throughput.py` — {episodes} timed episodes per measurement, median of {rounds} interleaved rounds, "
         f"{machine()['cpu_count']} cores, torch {torch.__version__}. The shipped default (CLI and run.sh) is kept buffers + channels_last.\n\n"
     )
-    write_results("throughput", {"machine": machine(), "rows": rows, "episodes": episodes, "rounds": rounds}, header + "\n".join(lines) + "\n")
+    write_results("throughput", {"machine": machine(), "rows": rows, "episodes": episodes, "rounds": rounds}, header + "\n".join(lines) + "\n", origin)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ run directory records.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,8 @@ class RunConfig:
     val_episodes: int = 200
     val_ways: int | None = None
     val_shots: int | None = None
+    checkpoint_every: int = 500
+    skip_nonfinite: bool = False
     seed: int = 0
     device: str = "auto"
     channels_last: bool | None = None
@@ -108,11 +111,17 @@ class RunConfig:
         return [f.name for f in fields(cls)]
 
     def updated(self, overrides: dict[str, Any]) -> "RunConfig":
-        """A copy with ``overrides`` applied; unknown keys are an error naming the valid ones."""
+        """A copy with ``overrides`` applied; an unknown key or a value of the wrong type is an error
+        naming the closest valid key or the expected type."""
         unknown = sorted(set(overrides) - set(self.field_names()))
         if unknown:
-            raise UserError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(self.field_names())}")
-        return dataclasses.replace(self, **overrides)
+            hints = [
+                f"{key} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(key, self.field_names(), 1)) else key
+                for key in unknown
+            ]
+            raise UserError(f"unknown config key(s) {', '.join(hints)}; valid keys: {', '.join(self.field_names())}")
+        checked = {key: _coerced(key, value, FIELD_TYPES[key]) for key, value in overrides.items()}
+        return dataclasses.replace(self, **checked)
 
     def resolve(self) -> "RunConfig":
         """Fill recipe defaults that depend on method and dataset, and check the result."""
@@ -132,7 +141,7 @@ class RunConfig:
             defaults["val_ways"] = self.ways  # a learned head scores exactly its training ways
         filled = {k: v for k, v in defaults.items() if getattr(self, k) is None}
         resolved = dataclasses.replace(self, **filled)
-        for name in ("ways", "shots", "queries", "episodes", "meta_batch", "val_every", "val_episodes"):
+        for name in ("ways", "shots", "queries", "episodes", "meta_batch", "val_every", "val_episodes", "checkpoint_every"):
             if getattr(resolved, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(resolved, name)}")
         if resolved.lr <= 0:
@@ -158,6 +167,30 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+FIELD_TYPES: dict[str, str] = {f.name: str(f.type) for f in fields(RunConfig)}
+_TYPE_CHECKS: dict[str, tuple[tuple[type, ...], str]] = {
+    "int": ((int,), "an integer"), "float": ((int, float), "a number"), "bool": ((bool,), "true or false"),
+    "str": ((str,), "a string"),
+}  # fmt: skip
+
+
+def _coerced(key: str, value: Any, annotation: str) -> Any:
+    """``value`` checked against the field's type: ``ways: five`` or ``lr: [0.1]`` is refused before
+    anything runs; a number written as text (YAML reads ``1e-3`` as a string) becomes a float."""
+    base = annotation.split(" | ")[0]
+    if (value is None and "None" in annotation) or base not in _TYPE_CHECKS:
+        return value
+    accepted, expected = _TYPE_CHECKS[base]
+    if base == "float" and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if (isinstance(value, bool) and base != "bool") or not isinstance(value, accepted):
+        raise UserError(f"config key {key} must be {expected}, got {value!r}")
+    return value
 
 
 def load_config(path: str | Path) -> RunConfig:

@@ -1,8 +1,11 @@
 """Shared fixtures.
 
 Real data (``@pytest.mark.real_data`` tests) is read from ``$FEWSHOT_NSL_DATA``,
-defaulting to the ``shared/data`` folder beside the repository; those tests
-are skipped when it is absent. Nothing of it is ever copied into the repo.
+defaulting to the ``shared/data`` folder beside the repository. When it is
+absent those tests FAIL, saying where they looked: a CI without data must not
+pass with them silently skipped. Set ``FEWSHOT_NSL_SKIP_REAL_DATA=1`` to skip
+them on purpose (the skip reason then says so). Nothing of the data is ever
+copied into the repo.
 """
 
 from __future__ import annotations
@@ -18,32 +21,42 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REAL_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
+SKIP_ENV = "FEWSHOT_NSL_SKIP_REAL_DATA"
+
+
+def _missing(what: str) -> None:
+    """Fail (or skip, when explicitly allowed) a test whose real data is absent."""
+    if os.environ.get(SKIP_ENV) == "1":
+        pytest.skip(f"{what} ({SKIP_ENV}=1)")
+    pytest.fail(f"{what}: set {DATA_ENV} to the data folder, or {SKIP_ENV}=1 to skip real-data tests on purpose")
+
+
 def _real_data_path() -> Path:
     return Path(os.environ[DATA_ENV]).expanduser() if os.environ.get(DATA_ENV) else DEFAULT_REAL_DATA
 
 
 @pytest.fixture(scope="session")
 def real_data_root() -> Path:
-    """The real data folder (holding ``omniglot/``, ``miniimagenet/``); skips the test when absent."""
+    """The real data folder (holding ``omniglot/``, ``miniimagenet/``)."""
     root = _real_data_path()
     if not root.is_dir():
-        pytest.skip(f"real data not found at {root} (set {DATA_ENV})")
+        _missing(f"real data not found at {root}")
     return root
 
 
 @pytest.fixture(scope="session")
 def real_omniglot_root(real_data_root: Path) -> Path:
-    """``real_data_root``, skipping the test when it has no ``omniglot/``."""
+    """``real_data_root``, which must hold ``omniglot/``."""
     if not (real_data_root / "omniglot" / "images_background.npz").is_file():
-        pytest.skip(f"no Omniglot in {real_data_root}")
+        _missing(f"no Omniglot in {real_data_root}")
     return real_data_root
 
 
 @pytest.fixture(scope="session")
 def real_miniimagenet_root(real_data_root: Path) -> Path:
-    """``real_data_root``, skipping the test when it has no ``miniimagenet/``."""
+    """``real_data_root``, which must hold ``miniimagenet/``."""
     if not (real_data_root / "miniimagenet").is_dir():
-        pytest.skip(f"no Mini-ImageNet in {real_data_root}")
+        _missing(f"no Mini-ImageNet in {real_data_root}")
     return real_data_root
 
 

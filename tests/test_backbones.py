@@ -26,8 +26,8 @@ EXPECTED_CONV4 = {
     "static-diagonal": conv4_parameters(1, lambda c: 9),
     "static-full": conv4_parameters(1, lambda c: 81),
     # meta-network: conv3×3 C→64 (no bias), BN(64), conv3×3 64→9 (+bias) or 64→81 (+bias)
-    "dynamic-diagonal": conv4_parameters(1, lambda c: c * 64 * 9 + 128 + 64 * 9 * 9 + 9),
-    "dynamic-full": conv4_parameters(1, lambda c: c * 64 * 9 + 128 + 64 * 81 * 9 + 81),
+    "dynamic-diagonal-h64": conv4_parameters(1, lambda c: c * 64 * 9 + 128 + 64 * 9 * 9 + 9),
+    "dynamic-full-h64": conv4_parameters(1, lambda c: c * 64 * 9 + 128 + 64 * 81 * 9 + 81),
 }
 
 
@@ -37,6 +37,24 @@ def test_info_prints_parameter_counts(capsys):
     printed = {line.split()[1]: int(line.split()[2].replace(",", "")) for line in lines}
     assert printed == EXPECTED_CONV4
     assert EXPECTED_CONV4["conv"] == 111_680  # the Conv-4 of Snell et al. on 1-channel input
+
+
+def resnet12_parameters(widths: tuple[int, ...], in_channels: int = 3) -> int:
+    """Per block: three 3×3 convs, three BatchNorms, a 1×1 shortcut conv and its BatchNorm (no biases)."""
+    total, previous = 0, in_channels
+    for w in widths:
+        total += previous * w * 9 + 2 * w * w * 9 + 3 * 2 * w + previous * w + 2 * w
+        previous = w
+    return total
+
+
+@pytest.mark.parametrize("name,widths,features", [("resnet12", (64, 160, 320, 640), 640), ("resnet12-512", (64, 128, 256, 512), 512)])
+def test_resnet12_variants_have_their_published_size(name, widths, features):
+    model = build_backbone(name, (3, 84, 84))
+    assert parameter_count(model) == resnet12_parameters(widths)
+    assert model.out_features == features and model(torch.randn(2, 3, 84, 84)).shape == (2, features)
+    if name == "resnet12":
+        assert round(parameter_count(model) / 1e6, 1) == 12.4  # MetaOptNet / FEAT's ResNet-12
 
 
 def test_resnet12_size_and_output():
@@ -85,7 +103,8 @@ def test_seeded_construction_is_reproducible_and_leaves_global_rng_alone():
 
 def test_similarity_choices_and_errors():
     assert resolve_similarity("nsl-conv4", None).label == "static-diagonal"
-    assert resolve_similarity("nsl-conv4", "dynamic", "full").label == "dynamic-full"
+    assert resolve_similarity("nsl-conv4", "dynamic", "full").label == "dynamic-full-h64"
+    assert resolve_similarity("nsl-conv4", "dynamic", "diagonal", 16).label == "dynamic-diagonal-h16"
     assert resolve_similarity("conv4", None).label == "conv"
     with pytest.raises(UserError, match="needs an NSL backbone"):
         resolve_similarity("conv4", "static")

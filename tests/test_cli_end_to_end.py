@@ -65,6 +65,9 @@ def test_bad_input_gives_one_line_errors(workdir: Path, capsys: pytest.CaptureFi
         (["leaderboard", "--csv", "none.csv"], "evaluate a run first"),
         (["train", "--dataset", "imagenet21k"], "unknown dataset"),
         (["train", "--protocol", "lake", "--train-on-val"], "has no val split"),
+        (["train", "--resume", "nowhere"], "train into it first"),
+        (["train", "--resume", "nowhere", "--ways", "5"], "drop the other training flags"),
+        (["train", "--method", "maml", "--head", "learned", "--meta-sgd", "--lslr"], "Meta-SGD (per entry) or MAML++ LSLR"),
     ]
     for argv, message in cases:
         assert run(argv) == 2

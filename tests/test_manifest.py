@@ -53,19 +53,58 @@ def test_manifest_refuses_another_split():
 
 @pytest.mark.real_data
 def test_shipped_manifests_match_real_data(real_omniglot_root, real_cache_dir, monkeypatch):
-    """The committed Omniglot manifests are what a fresh seeded draw gives, and refuse the wrong split."""
+    """Every committed Omniglot manifest (5- and 20-way) is what a fresh seeded draw gives, and refuses the wrong split."""
     from fewshot_nsl.data.registry import load_split
     from fewshot_nsl.episodes.manifest import STANDARD_SPECS, manifest_path
 
     monkeypatch.setenv("FEWSHOT_NSL_CACHE", str(real_cache_dir))
     vinyals = load_split("omniglot", "test", "vinyals", real_omniglot_root)
     lake = load_split("omniglot", "test", "lake", real_omniglot_root)
+    checked = 0
     for spec in STANDARD_SPECS:
-        if spec.dataset != "omniglot" or spec.ways != 20:
+        if spec.dataset != "omniglot":
             continue
         split = vinyals if spec.protocol == "vinyals" else lake
         stored = Manifest.load(manifest_path(spec))
         stored.check_dataset(split)
-        assert stored.content_hash() == draw(spec, split).content_hash()
+        assert stored.content_hash() == draw(spec, split).content_hash(), spec.name
         with pytest.raises(UserError, match="fingerprint"):
             stored.check_dataset(lake if split is vinyals else vinyals)
+        checked += 1
+    assert checked == 8
+
+
+@pytest.mark.real_data
+def test_shipped_miniimagenet_manifests_match_real_data(real_miniimagenet_root, real_cache_dir, monkeypatch):
+    from fewshot_nsl.data.registry import load_split
+    from fewshot_nsl.episodes.manifest import STANDARD_SPECS, manifest_path
+
+    monkeypatch.setenv("FEWSHOT_NSL_CACHE", str(real_cache_dir))
+    test = load_split("miniimagenet", "test", "ravi", real_miniimagenet_root)
+    specs = [spec for spec in STANDARD_SPECS if spec.dataset == "miniimagenet"]
+    assert sorted((s.shots, s.episodes) for s in specs) == [(1, 600), (1, 10000), (5, 600), (5, 10000)]
+    for spec in specs:
+        stored = Manifest.load(manifest_path(spec))
+        stored.check_dataset(test)
+        assert stored.content_hash() == draw(spec, test).content_hash(), spec.name
+
+
+@pytest.mark.real_data
+def test_vinyals_characters_and_ravi_classes_are_disjoint(real_omniglot_root, real_miniimagenet_root, real_cache_dir, monkeypatch):
+    """No character (any rotation) or Mini-ImageNet class is in two splits: nothing leaks into evaluation."""
+    from fewshot_nsl.data.registry import load_split
+
+    monkeypatch.setenv("FEWSHOT_NSL_CACHE", str(real_cache_dir))
+    characters = {
+        split: {name.rsplit("/", 1)[0] for name in load_split("omniglot", split, "vinyals", real_omniglot_root).class_names}
+        for split in ("train", "val", "test")
+    }
+    assert [len(c) for c in characters.values()] == [1028, 172, 423]  # Vinyals et al.'s 1200 + 423 characters
+    csvs = real_miniimagenet_root / "miniimagenet" / "splits" / "ravi"
+    classes = {split: {row.split(",")[1] for row in (csvs / f"{split}.csv").read_text().splitlines()[1:]} for split in ("train", "val", "test")}
+    assert [len(c) for c in classes.values()] == [64, 16, 20]
+    for kind in (characters, classes):
+        names = list(kind)
+        for i, first in enumerate(names):
+            for second in names[i + 1 :]:
+                assert not kind[first] & kind[second], f"{first} and {second} share {sorted(kind[first] & kind[second])[:3]}"

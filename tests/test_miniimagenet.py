@@ -232,7 +232,7 @@ def test_real_test_split(real_miniimagenet_root, real_cache_dir):
         rows = list(csv.DictReader(handle))
     assert data.class_names == tuple(sorted({r["label"] for r in rows}))
     assert torch.equal(again.images, data.images) and again.fingerprint() == data.fingerprint()
-    assert second < 5, f"cached load took {second:.1f}s"
+    assert second < first / 3, f"cached load took {second:.1f}s, decoding {first:.1f}s"
     # the first image of the first class is the first csv file of that wnid
     wnid = data.class_names[0]
     name = sorted(r["filename"] for r in rows if r["label"] == wnid)[0]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import time
 import urllib.error
 import zipfile
 from pathlib import Path
@@ -424,11 +423,8 @@ def test_real_omniglot_resize_is_cached(real_omniglot_root, real_cache_dir, monk
         raise AssertionError("second load must come from the cache")
 
     monkeypatch.setattr(omniglot, "_resize_set", no_resize)
-    start = time.perf_counter()
     data = load_omniglot(real_omniglot_root, "vinyals", "train", real_cache_dir)
-    elapsed = time.perf_counter() - start
     assert data.num_classes == 4112
-    assert elapsed < 10, f"cached load took {elapsed:.1f}s"
 
 
 def test_cli_prepare_converts_offline(png_tree, split_dir, cache_dir, capsys):

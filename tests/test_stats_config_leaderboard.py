@@ -35,8 +35,14 @@ def test_yaml_config_and_unknown_keys(tmp_path):
     assert config.resolve().queries == 5  # ProtoNet's default (Snell et al.: 5 queries in training)
     bad = tmp_path / "bad.yaml"
     bad.write_text("ways: 5\nwayz: 7\n")
-    with pytest.raises(UserError, match="unknown config key\\(s\\) wayz; valid keys: method, backbone"):
+    with pytest.raises(UserError, match="unknown config key\\(s\\) wayz \\(did you mean ways\\?\\); valid keys: method, backbone"):
         load_config(bad)
+    typed = tmp_path / "typed.yaml"
+    typed.write_text("ways: five\n")
+    with pytest.raises(UserError, match="config key ways must be an integer, got 'five'"):
+        load_config(typed)
+    typed.write_text("lr: 1e-3\nfirst_order: true\n")  # YAML reads 1e-3 as text
+    assert load_config(typed).lr == 0.001
     with pytest.raises(UserError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
     (tmp_path / "broken.yaml").write_text("ways: [5\n")
@@ -86,7 +92,7 @@ def test_leaderboard_appends_ranks_and_keeps_rows(tmp_path):
     leaderboard.append(path, row(0.5, ways=20, custom_note="kept"))
     frame = leaderboard.read(path)
     assert len(frame) == 3 and "custom_note" in frame.columns
-    table = leaderboard.ranked(frame, ways=5)
+    table = leaderboard.ranked(frame, {"ways": "5"})
     assert table["acc"].tolist() == [0.95, 0.9] and table["rank"].tolist() == [1, 2]
     text = leaderboard.render(table, "markdown")
     assert text.splitlines()[2].startswith("| 1 | omniglot | vinyals | 5 | 1 | protonet")
@@ -102,6 +108,33 @@ def test_leaderboard_refuses_a_broken_file_without_touching_it(tmp_path):
     with pytest.raises(UserError, match="lacks the column"):
         leaderboard.append(path, row(0.9))
     assert path.read_text() == before
+
+
+def test_hand_edited_rows_are_refused_and_a_backup_precedes_every_rewrite(tmp_path):
+    path = tmp_path / "board.csv"
+    leaderboard.append(path, row(0.9))
+    first = path.read_text()
+    leaderboard.append(path, row(0.8))
+    assert (tmp_path / "board.csv.bak").read_text() == first  # the version before the last rewrite
+    edited = path.read_text().replace("0.8,", "eighty,")
+    path.write_text(edited)
+    with pytest.raises(UserError, match="row 3 has acc 'eighty'.*board.csv.bak"):
+        leaderboard.append(path, row(0.7))
+    assert path.read_text() == edited
+
+
+def test_leaderboard_filters_and_groups_by_any_column(tmp_path):
+    path = tmp_path / "board.csv"
+    for acc, head in ((0.9, "zero"), (0.8, "learned"), (0.85, "learned")):
+        leaderboard.append(path, row(acc, method="maml", maml_head=head))
+    frame = leaderboard.read(path)
+    learned = leaderboard.ranked(frame, {"maml_head": "learned"})
+    assert learned["acc"].tolist() == [0.85, 0.8]
+    grouped = leaderboard.ranked(frame, group_by=["maml_head"])
+    assert dict(zip(grouped["acc"], grouped["rank"])) == {0.85: 1, 0.8: 2, 0.9: 1}
+    assert "maml_head" in leaderboard.render(grouped, "csv", ["maml_head"]).splitlines()[0]
+    with pytest.raises(UserError, match="no column 'colour'"):
+        leaderboard.ranked(frame, {"colour": "red"})
 
 
 def test_leaderboard_plot(tmp_path):

@@ -6,11 +6,11 @@ import torch
 from torch import nn
 
 from fewshot_nsl.backbones.conv4 import Conv4
-from fewshot_nsl.backbones.resnet12 import ResNet12
+from fewshot_nsl.backbones.resnet12 import NARROW_WIDTHS, WIDTHS, ResNet12
 from fewshot_nsl.backbones.similarity import Similarity
 from fewshot_nsl.errors import UserError
 
-BACKBONES = ("conv4", "nsl-conv4", "resnet12", "nsl-resnet12")
+BACKBONES = ("conv4", "nsl-conv4", "resnet12", "nsl-resnet12", "resnet12-512", "nsl-resnet12-512")
 
 
 def resolve_similarity(backbone: str, similarity: str | None, form: str = "diagonal", hidden: int = 64) -> Similarity:
@@ -45,7 +45,8 @@ def build_backbone(
         raise UserError(f"backbone {name} does not match similarity {similarity.label}")
     if name.endswith("conv4"):
         return Conv4(image_shape, width=width, similarity=similarity, plain_stem=plain_stem)
-    return ResNet12(image_shape, similarity=similarity, drop_rate=drop_rate, generator=generator)
+    widths = NARROW_WIDTHS if name.endswith("resnet12-512") else WIDTHS
+    return ResNet12(image_shape, similarity=similarity, widths=widths, drop_rate=drop_rate, generator=generator)
 
 
 def parameter_count(module: nn.Module) -> int:

@@ -1,9 +1,11 @@
 """ResNet-12 as used by MetaOptNet (Lee et al. 2019) and FEAT (Ye et al. 2020).
 
-Four residual blocks of three 3×3 convolutions (widths 64-160-320-640), each
-followed by BatchNorm and LeakyReLU(0.1), a 1×1 projection shortcut, a 2×2
-max-pool per block and optional DropBlock; global average pooling gives 640-d
-features.
+Four residual blocks of three 3×3 convolutions (widths 64-160-320-640, about
+12.4M parameters), each followed by BatchNorm and LeakyReLU(0.1), a 1×1
+projection shortcut, a 2×2 max-pool per block and optional DropBlock; global
+average pooling gives 640-d features. ``NARROW_WIDTHS`` (64-128-256-512, as in
+TADAM, Oreshkin et al. 2018) is a different network that papers also call
+ResNet-12; here it has its own name, ``resnet12-512``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from fewshot_nsl.backbones.similarity import PLAIN, Similarity
 
 WIDTHS = (64, 160, 320, 640)
+NARROW_WIDTHS = (64, 128, 256, 512)
 
 
 class DropBlock(nn.Module):
@@ -68,7 +71,7 @@ class ResidualBlock(nn.Module):
 
 
 class ResNet12(nn.Module):
-    """Maps (B, C, H, W) to 640-d features (B, out_features)."""
+    """Maps (B, C, H, W) to ``widths[-1]``-d features (B, out_features): 640 by default."""
 
     def __init__(
         self,

@@ -35,8 +35,13 @@ class Similarity:
 
     @property
     def label(self) -> str:
-        """The leaderboard's ``similarity`` column: conv, static-diagonal, dynamic-full, ..."""
-        return "conv" if self.kind == "conv" else f"{self.kind}-{self.form}"
+        """The leaderboard's ``similarity`` column: conv, static-diagonal, dynamic-full-h64, ...
+
+        Dynamic labels carry the meta-network width, so h=16 and h=64 never share a name.
+        """
+        if self.kind == "conv":
+            return "conv"
+        return f"{self.kind}-{self.form}" + (f"-h{self.hidden}" if self.kind == "dynamic" else "")
 
     def conv3x3(self, in_channels: int, out_channels: int, stride: int = 1) -> nn.Module:
         """A bias-free 3×3 layer with padding 1 (each is followed by BatchNorm)."""

@@ -16,6 +16,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--dataset", help="only this dataset")
     parser.add_argument("--ways", type=int, help="only this many ways")
     parser.add_argument("--shots", type=int, help="only this many shots")
+    parser.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE",
+                        help="only rows whose COLUMN equals VALUE (any column, e.g. maml_head=learned); repeatable")
+    parser.add_argument("--group-by", action="append", default=[], metavar="COLUMN",
+                        help="also rank within groups of this column (e.g. similarity, config_hash); repeatable")
     parser.add_argument("--plot", type=Path, help="also draw accuracies with CI error bars to this PNG")
     parser.set_defaults(handler=handle)
 
@@ -23,11 +27,20 @@ def register(commands: argparse._SubParsersAction) -> None:
 def handle(args: argparse.Namespace) -> None:
     if not args.csv.exists():
         raise UserError(f"no leaderboard at {args.csv}; evaluate a run first (`fewshot-nsl eval --run-dir ...`) or pass --csv")
-    table = leaderboard.ranked(leaderboard.read(args.csv), args.dataset, args.ways, args.shots)
+    where = dict(_pair(item) for item in args.where)
+    where |= {k: v for k, v in (("dataset", args.dataset), ("ways", args.ways), ("shots", args.shots)) if v is not None}
+    table = leaderboard.ranked(leaderboard.read(args.csv), where, args.group_by)
     if table.empty:
         print("no rows match the filters")
         return
-    print(leaderboard.render(table, args.format))
+    print(leaderboard.render(table, args.format, args.group_by))
     if args.plot:
         leaderboard.plot(table, args.plot)
         print(f"plot written to {args.plot}")
+
+
+def _pair(item: str) -> tuple[str, str]:
+    column, sep, value = item.partition("=")
+    if not sep or not column:
+        raise UserError(f"--where takes COLUMN=VALUE, got {item!r}")
+    return column, value

@@ -11,7 +11,7 @@ import sys
 
 from fewshot_nsl import __version__
 from fewshot_nsl.cli import data_cmd, episodes_cmd, eval_cmd, info_cmd, leaderboard_cmd, train_cmd
-from fewshot_nsl.errors import UserError
+from fewshot_nsl.errors import Interrupted, UserError
 from fewshot_nsl.runtime import reexec_with_fast_malloc
 
 COMMANDS = (train_cmd, eval_cmd, leaderboard_cmd, data_cmd, episodes_cmd, info_cmd)
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Few-shot learning with Neural Similarity Learning: train, evaluate on fixed episodes, compare.",
     )
     parser.add_argument("--version", action="version", version=f"fewshot-nsl {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMANDS:
         module.register(commands)
@@ -36,8 +37,13 @@ def run(argv: list[str]) -> int:
     try:
         args.handler(args)
     except UserError as error:
+        if args.debug:
+            raise
         print(f"fewshot-nsl: error: {error}", file=sys.stderr)
         return 2
+    except Interrupted as stop:
+        print(f"fewshot-nsl: {stop}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("fewshot-nsl: interrupted; checkpoints and leaderboard rows already written are kept", file=sys.stderr)
         return 130

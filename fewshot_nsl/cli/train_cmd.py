@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from fewshot_nsl.backbones import BACKBONES
 from fewshot_nsl.backbones.similarity import FORMS, KINDS
 from fewshot_nsl.config import LR_SCHEDULES, METHODS, RunConfig, load_config
-from fewshot_nsl.engine.trainer import train
+from fewshot_nsl.engine.trainer import resume, train
+from fewshot_nsl.errors import UserError
 from fewshot_nsl.learners.maml import HEADS, INNER_LOSSES
 
 
@@ -67,6 +69,8 @@ OPTIONS: list[tuple[str, object, str]] = [
     ("--val-episodes", int, "validation episodes (default 200)"),
     ("--val-ways", int, "validation ways (default: the dataset's evaluation ways)"),
     ("--val-shots", int, "validation shots (default: training shots)"),
+    ("--checkpoint-every", int, "save the full training state (last.pt) every this many iterations (default 500)"),
+    ("--skip-nonfinite", "store_true", "skip and count meta-batches whose loss is NaN/Inf instead of stopping"),
     ("--seed", int, "seed of every generator of the run (default 0)"),
     ("--device", str, "auto, cpu or cuda (default auto)"),
     ("--channels-last", _flag, "channels_last memory format: true/false (default true, false for MAML)"),
@@ -84,15 +88,21 @@ def register(commands: argparse._SubParsersAction) -> None:
             parser.add_argument(flag, choices=kind, default=argparse.SUPPRESS, help=help_text)
         else:
             parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text)
-    parser.add_argument("--overwrite", action="store_true", help="train over an existing run directory")
+    parser.add_argument("--overwrite", action="store_true", help="start over in an existing run directory (the old run is moved aside)")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last.pt (no other training flags)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=handle)
 
 
 def handle(args: argparse.Namespace) -> None:
-    config = load_config(args.config) if args.config else RunConfig()
     keys = set(RunConfig.field_names())
     overrides = {k: v for k, v in vars(args).items() if k in keys}
-    result = train(config.updated(overrides), overwrite=args.overwrite, progress=not args.no_progress)
+    if args.resume:
+        if overrides or args.config or args.overwrite:
+            raise UserError("--resume continues a run exactly as configured; drop the other training flags")
+        result = resume(Path(args.resume), progress=not args.no_progress)
+    else:
+        config = load_config(args.config) if args.config else RunConfig()
+        result = train(config.updated(overrides), overwrite=args.overwrite, progress=not args.no_progress)
     best = "n/a" if result.best_val_acc is None else f"{100 * result.best_val_acc:.2f}%"
     print(f"trained {result.iterations} iterations in {result.seconds:.0f} s; best validation accuracy {best}; run in {result.run_dir}")

@@ -8,7 +8,13 @@ first one found is used:
   is present is read, and ``describe_miniimagenet`` reports the counts);
 * csv: one flat ``images/`` folder plus the Ravi split files
   ``splits/ravi/<split>.csv`` or ``<split>.csv`` (rows ``filename,label``).
-  Every listed image must be present.
+  Every listed image must be present;
+* pickle caches as distributed for learn2learn and others:
+  ``mini-imagenet-cache-{train,validation,test}.pkl``, each a dict with
+  ``image_data`` (uint8 N x 84 x 84 x 3) and ``class_dict`` (class -> list of
+  indices), read with a restricted unpickler that refuses anything but plain
+  data (``fewshot_nsl.data.safe_pickle``): unpickling an untrusted file could
+  otherwise run code.
 
 Classes are the wnids, sorted; images of a class are sorted by file name, so
 the same images give the same ``ImageClassSet`` in either layout. Images are
@@ -24,11 +30,13 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torchvision.io import ImageReadMode
 
 from fewshot_nsl.data.dataset import ImageClassSet
 from fewshot_nsl.data.image_folder import image_files, iter_decoded, resize_square, visible_subfolders
+from fewshot_nsl.data.safe_pickle import load_plain_pickle
 from fewshot_nsl.data.tensor_cache import cached, source_key
 from fewshot_nsl.errors import UserError
 
@@ -124,7 +132,8 @@ def list_split(folder: Path, split: str) -> SplitListing:
     where = "does not exist" if not folder.is_dir() else f"has neither {split}/ nor images/ with a {split}.csv"
     raise UserError(
         f"Mini-ImageNet {split} split not found: {folder} {where}. Expected {folder}/{split}/<wnid>/*.jpg, or "
-        f"{folder}/images/ plus {folder}/splits/ravi/{split}.csv (or {folder}/{split}.csv). Mini-ImageNet cannot "
+        f"{folder}/images/ plus {folder}/splits/ravi/{split}.csv (or {folder}/{split}.csv), or "
+        f"{pickle_cache_path(folder, split).name} (pickle cache). Mini-ImageNet cannot "
         f"be downloaded by script: get a copy, then `fewshot-nsl data prepare miniimagenet --source DIR` "
         f"(or point --data-root / FEWSHOT_NSL_DATA at the folder holding miniimagenet/)"
     )
@@ -163,9 +172,43 @@ def _decode_split(listing: SplitListing, image_size: int) -> dict[str, torch.Ten
     return {"images": images, "labels": labels}
 
 
+PICKLE_SPLIT_NAMES = {"train": "train", "val": "validation", "test": "test"}
+
+
+def pickle_cache_path(folder: Path, split: str) -> Path:
+    return folder / f"mini-imagenet-cache-{PICKLE_SPLIT_NAMES[split]}.pkl"
+
+
+def read_pickle_cache(path: Path, image_size: int) -> dict[str, torch.Tensor | tuple[str, ...]]:
+    """Images (N, 3, S, S) uint8, labels and sorted class names from one pickle cache file."""
+    data = load_plain_pickle(path)
+    if not isinstance(data, dict) or not {"image_data", "class_dict"} <= set(data):
+        raise UserError(f"{path} is not a Mini-ImageNet pickle cache: expected a dict with image_data and class_dict")
+    images, classes = data["image_data"], data["class_dict"]
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
+        raise UserError(f"{path}: image_data must be a uint8 array of N x H x W x 3, got {getattr(images, 'shape', type(images))}")
+    names = tuple(sorted(classes))
+    order = [int(index) for name in names for index in classes[name]]
+    if not order or min(order) < 0 or max(order) >= len(images):
+        raise UserError(f"{path}: class_dict indices fall outside image_data's {len(images)} images")
+    chosen = torch.from_numpy(images[order]).permute(0, 3, 1, 2).contiguous()
+    if chosen.shape[-1] != image_size or chosen.shape[-2] != image_size:
+        chosen = torch.stack([resize_square(image, image_size, crop=False) for image in chosen])
+    labels = torch.arange(len(names)).repeat_interleave(torch.tensor([len(classes[n]) for n in names]))
+    return {"images": chosen, "labels": labels, "class_names": names}
+
+
 def load_miniimagenet(data_root: Path, split: str, cache_dir: Path, image_size: int = 84) -> ImageClassSet:
     """One Ravi split of Mini-ImageNet as an ``ImageClassSet`` (decoded once, then cached)."""
-    listing = list_split(Path(data_root) / "miniimagenet", split)
+    folder = Path(data_root) / "miniimagenet"
+    if split in PICKLE_SPLIT_NAMES and _find_split(folder, split) is None and pickle_cache_path(folder, split).is_file():
+        path = pickle_cache_path(folder, split)
+        tensors = read_pickle_cache(path, image_size)
+        return ImageClassSet(
+            images=tensors["images"], labels=tensors["labels"], class_names=tensors["class_names"],
+            mean=IMAGENET_MEAN, std=IMAGENET_STD, name=f"miniimagenet/ravi/{split}",
+        )  # fmt: skip
+    listing = list_split(folder, split)
     flat = [path for class_files in listing.files for path in class_files]
     key = source_key(flat, image_size, listing.layout, CACHE_VERSION)
     tensors = cached(

@@ -1,19 +1,30 @@
 """Run directories: resolved config, checkpoints and a training summary.
 
-Checkpoints are written to a temporary file and renamed, so an interrupted
-save never replaces a good checkpoint with a broken one.
+Checkpoints are written to a temporary file, flushed to disk and renamed,
+so an interrupted save (even SIGKILL or a power cut) never replaces a good
+checkpoint with a broken one. ``last.pt`` is a full training state (model,
+optimiser, schedule, iteration, every random state, config, version) that
+``fewshot-nsl train --resume`` continues from; ``best.pt`` holds the model
+of the best validation. Every checkpoint is read with
+``torch.load(weights_only=True)``, which refuses pickled code.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
+import random
+import shutil
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 
+import fewshot_nsl
 from fewshot_nsl.config import RunConfig, save_config
 from fewshot_nsl.errors import UserError
 
@@ -21,24 +32,101 @@ CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "train_summary.json"
 METRICS_FILE = "metrics.csv"
 BEST, LAST = "best.pt", "last.pt"
+# Config keys that decide the model's parameters: a checkpoint and config.yaml must agree on them.
+MODEL_KEYS = ("method", "backbone", "similarity", "nsl_form", "nsl_hidden", "width", "plain_stem", "distance",
+              "head", "ways", "meta_sgd", "lslr", "per_step_bn", "inner_steps")  # fmt: skip
 
 
 def save_atomically(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file, fsync, then rename over ``path`` (and fsync the folder).
+
+    A failed write (disk full, ...) removes the temporary file and leaves the previous ``path`` intact.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
+        raise UserError(f"could not write {path} ({error.strerror or error}); {kept}: free space and try again") from None
     os.replace(tmp, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
-def prepare_run_dir(run_dir: Path, config: RunConfig, overwrite: bool) -> None:
-    """Create the run directory; refuse to train over a finished run unless told to."""
-    if (run_dir / BEST).exists() and not overwrite:
-        raise UserError(f"{run_dir} already holds a trained run; choose another --run-dir or pass --overwrite")
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint as plain tensors and containers; anything that would run code is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).splitlines()[0]
+        raise UserError(f"{path} is not a safe fewshot-nsl checkpoint (refused to unpickle it: {reason})") from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise UserError(f"{path} cannot be read as a checkpoint ({type(error).__name__}); retrain or restore it") from None
+
+
+def random_state(sampler_generator: torch.Generator) -> dict[str, Any]:
+    """Every random state a training run draws from, as tensors and plain values."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(gauss)],
+        "python": random.getstate(),
+        "sampler": sampler_generator.get_state(),
+    }
+
+
+def restore_random_state(state: dict[str, Any], sampler_generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    random.setstate(_tuples(state["python"]))
+    sampler_generator.set_state(state["sampler"])
+
+
+def _tuples(value: Any) -> Any:
+    """``random.setstate`` wants the tuples it gave (a checkpoint may hand lists back)."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def checkpoint_metadata(config: RunConfig) -> dict[str, Any]:
+    return {"config": config.to_dict(), "version": fewshot_nsl.__version__}
+
+
+def prepare_run_dir(run_dir: Path, config: RunConfig, overwrite: bool) -> Path | None:
+    """Create the run directory for a new run; returns where an overwritten run was moved.
+
+    A directory holding a run (finished or interrupted) is refused unless
+    ``overwrite``; then the old run is moved aside whole, never mixed with
+    the new one nor deleted.
+    """
+    moved = None
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            hint = f"resume it with `fewshot-nsl train --resume {run_dir}`, " if (run_dir / LAST).exists() else ""
+            raise UserError(f"{run_dir} already holds a run; {hint}choose another --run-dir, or pass --overwrite (moves it aside)")
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        moved = run_dir.with_name(f"{run_dir.name}.replaced-{stamp}")
+        shutil.move(str(run_dir), moved)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / CONFIG_FILE)
+    return moved
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+
+
+def read_config(run_dir: Path) -> RunConfig:
+    if not (run_dir / CONFIG_FILE).exists():
+        raise UserError(f"{run_dir} has no {CONFIG_FILE}; train into it first with `fewshot-nsl train --run-dir {run_dir}`")
+    return RunConfig().updated(yaml.safe_load((run_dir / CONFIG_FILE).read_text()) or {})
 
 
 def load_run(run_dir: Path, which: str = "best") -> tuple[RunConfig, dict[str, torch.Tensor], dict[str, Any]]:
@@ -46,8 +134,15 @@ def load_run(run_dir: Path, which: str = "best") -> tuple[RunConfig, dict[str, t
     checkpoint = run_dir / (BEST if which == "best" else LAST)
     if not (run_dir / CONFIG_FILE).exists() or not checkpoint.exists():
         raise UserError(f"{run_dir} has no {CONFIG_FILE} and {checkpoint.name}; train into it first with `fewshot-nsl train --run-dir {run_dir}`")
-    config = RunConfig().updated(yaml.safe_load((run_dir / CONFIG_FILE).read_text()) or {})
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    config = read_config(run_dir)
+    state = load_checkpoint(checkpoint)
+    differs = [
+        f"{key} {state['config'].get(key)!r} in {checkpoint.name} vs {getattr(config, key)!r} in {CONFIG_FILE}"
+        for key in MODEL_KEYS
+        if "config" in state and state["config"].get(key) != getattr(config, key)
+    ]
+    if differs:
+        raise UserError(f"{checkpoint} was trained as another model: {'; '.join(differs)}")
     summary_path = run_dir / SUMMARY_FILE
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     return config, state["model"], summary

@@ -16,15 +16,20 @@ from fewshot_nsl.backbones import parameter_count, resolve_similarity
 from fewshot_nsl.config import RunConfig
 from fewshot_nsl.data.dataset import ImageClassSet
 from fewshot_nsl.data.registry import dataset_spec, load_split
-from fewshot_nsl.engine.checkpoint import load_run
-from fewshot_nsl.episodes.episode import materialise
+from fewshot_nsl.engine.checkpoint import CONFIG_FILE, load_run
+from fewshot_nsl.episodes.episode import image_indices, materialise
 from fewshot_nsl.episodes.manifest import Manifest, ManifestSpec, draw, manifest_path
 from fewshot_nsl.episodes.sampler import check_task_fits
+from fewshot_nsl.errors import UserError
 from fewshot_nsl.learners import FewShotLearner, build_learner, recipe_columns
+from fewshot_nsl.learners.base import EmbeddingLearner
 from fewshot_nsl.nsl import fold_static_nsl
 from fewshot_nsl.results import leaderboard
 from fewshot_nsl.results.stats import Summary, confidence_interval
 from fewshot_nsl.runtime import memory_format, resolve_device
+
+
+EMBED_BATCH = 512
 
 
 def evaluate_learner(
@@ -34,19 +39,56 @@ def evaluate_learner(
     device: torch.device,
     layout: torch.memory_format = torch.contiguous_format,
     progress: bool = True,
+    per_episode: bool = False,
 ) -> tuple[Summary, list[float]]:
-    """Accuracy on every episode of ``manifest`` through the two-phase interface."""
+    """Accuracy on every episode of ``manifest``.
+
+    A learner that embeds images independently (``EmbeddingLearner``: ProtoNet) has every image the
+    manifest uses embedded once and each episode scored from those embeddings; others (MAML, which
+    adapts its backbone per episode), or ``per_episode=True``, go episode by episode through the
+    two-phase interface. Both give the same per-episode accuracies (tested).
+    """
     manifest.check_dataset(dataset)
     was_training = learner.training
     learner.eval()
-    accuracies = []
     with torch.no_grad():
-        for index in tqdm(range(len(manifest)), disable=not progress, desc="eval", unit="ep", dynamic_ncols=True):
-            episode = materialise(dataset, manifest.episode(index)).to(device, layout)
-            logits = learner.fit(episode.support_images, episode.support_labels, episode.ways)(episode.query_images)
-            accuracies.append(float((logits.argmax(-1) == episode.query_labels).float().mean()))
+        if isinstance(learner, EmbeddingLearner) and not per_episode:
+            accuracies = _accuracies_from_embeddings(learner, dataset, manifest, device, layout, progress)
+        else:
+            accuracies = []
+            for index in tqdm(range(len(manifest)), disable=not progress, desc="eval", unit="ep", dynamic_ncols=True):
+                episode = materialise(dataset, manifest.episode(index)).to(device, layout)
+                logits = learner.fit(episode.support_images, episode.support_labels, episode.ways)(episode.query_images)
+                accuracies.append(float((logits.argmax(-1) == episode.query_labels).float().mean()))
     learner.train(was_training)
     return confidence_interval(accuracies), accuracies
+
+
+def _accuracies_from_embeddings(
+    learner: EmbeddingLearner,
+    dataset: ImageClassSet,
+    manifest: Manifest,
+    device: torch.device,
+    layout: torch.memory_format,
+    progress: bool,
+) -> list[float]:
+    episodes = [manifest.episode(index) for index in range(len(manifest))]
+    positions = [image_indices(dataset, episode) for episode in episodes]
+    used = torch.unique(torch.cat([torch.cat(pair) for pair in positions]))
+    row = torch.full((len(dataset.images),), -1, dtype=torch.long)
+    row[used] = torch.arange(len(used))
+    chunks = []
+    for start in tqdm(range(0, len(used), EMBED_BATCH), disable=not progress, desc="embed", unit="batch", dynamic_ncols=True):
+        images = dataset.to_float(dataset.images[used[start : start + EMBED_BATCH]])
+        chunks.append(learner.embed(images.to(device, memory_format=layout)))
+    embeddings = torch.cat(chunks)
+    accuracies = []
+    for episode, (support, query) in zip(episodes, positions):
+        labels = torch.arange(episode.ways, device=device)
+        support_labels, query_labels = labels.repeat_interleave(episode.shots), labels.repeat_interleave(episode.queries)
+        logits = learner.score_embedded(embeddings[row[support]], support_labels, episode.ways, embeddings[row[query]])
+        accuracies.append(float((logits.argmax(-1) == query_labels).float().mean()))
+    return accuracies
 
 
 @dataclass(frozen=True)
@@ -84,15 +126,18 @@ def select_manifest(request: EvalRequest, config: RunConfig, test_set: ImageClas
     return Manifest.load(path) if path.exists() else draw(wanted, test_set)
 
 
-def git_commit() -> str:
+def source_state() -> tuple[str, bool | None]:
+    """The commit of the code that runs, and whether the tree has uncommitted changes to it."""
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=Path(fewshot_nsl.__file__).parent, capture_output=True, text=True, timeout=5)
+
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(fewshot_nsl.__file__).parent,
-            capture_output=True, text=True, timeout=5,
-        )  # fmt: skip
+        commit, status = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--untracked-files=no", ".")
     except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
+        return "unknown", None
+    if commit.returncode != 0:
+        return "unknown", None
+    return commit.stdout.strip(), bool(status.stdout.strip())
 
 
 def for_inference(learner: FewShotLearner) -> FewShotLearner:
@@ -110,7 +155,11 @@ def evaluate_run(request: EvalRequest) -> tuple[Summary, dict]:
     test_set = load_split(config.dataset, "test", config.protocol, request.data_root or config.data_root, config.image_size)
     manifest = select_manifest(request, config, test_set)
     learner = build_learner(config, test_set.image_shape)
-    learner.load_state_dict(state)
+    try:
+        learner.load_state_dict(state)
+    except RuntimeError as error:
+        detail = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
+        raise UserError(f"the checkpoint in {request.run_dir} does not fit the model its {CONFIG_FILE} builds ({detail})") from None
     parameters = parameter_count(learner)
     learner = for_inference(learner).to(device, memory_format=layout)
     summary, accuracies = evaluate_learner(learner, test_set, manifest, device, layout, request.progress)
@@ -122,6 +171,7 @@ def evaluate_run(request: EvalRequest) -> tuple[Summary, dict]:
         writer.writerow(["episode", "acc"])
         writer.writerows(enumerate(accuracies))
     similarity = resolve_similarity(config.backbone, config.similarity, config.nsl_form, config.nsl_hidden)
+    commit, dirty = source_state()
     row = {
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "method": config.method, "backbone": config.backbone, "similarity": similarity.label,
@@ -130,7 +180,7 @@ def evaluate_run(request: EvalRequest) -> tuple[Summary, dict]:
         "acc": round(summary.mean, 6), "ci95": round(summary.ci95, 6), "manifest": manifest.spec.name,
         "manifest_hash": manifest.content_hash(), "parameters": parameters,
         "train_episodes": train_summary.get("iterations"), "train_seconds": train_summary.get("train_seconds"),
-        "seed": config.seed, "version": fewshot_nsl.__version__, "git_commit": git_commit(),
+        "seed": config.seed, "version": fewshot_nsl.__version__, "git_commit": commit, "git_dirty": dirty,
         "run_dir": str(request.run_dir), **recipe_columns(config),
     }  # fmt: skip
     leaderboard.append(request.leaderboard, row)

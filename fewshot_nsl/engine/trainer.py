@@ -3,26 +3,45 @@
 from __future__ import annotations
 
 import csv
+import math
+import signal
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from fewshot_nsl.backbones import parameter_count
 from fewshot_nsl.config import RunConfig
-from fewshot_nsl.data.dataset import union
+from fewshot_nsl.data.dataset import ImageClassSet, union
 from fewshot_nsl.data.registry import dataset_spec, load_split, resolve_protocol
-from fewshot_nsl.engine.checkpoint import BEST, LAST, METRICS_FILE, prepare_run_dir, save_atomically, write_summary
+from fewshot_nsl.engine.checkpoint import (
+    BEST,
+    CONFIG_FILE,
+    LAST,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    checkpoint_metadata,
+    load_checkpoint,
+    prepare_run_dir,
+    random_state,
+    read_config,
+    restore_random_state,
+    save_atomically,
+    write_summary,
+)
 from fewshot_nsl.engine.evaluator import evaluate_learner
-from fewshot_nsl.episodes.manifest import ManifestSpec, draw
+from fewshot_nsl.episodes.manifest import Manifest, ManifestSpec, draw
 from fewshot_nsl.episodes.sampler import EpisodeSampler, check_task_fits
-from fewshot_nsl.errors import UserError
+from fewshot_nsl.errors import Interrupted, UserError
 from fewshot_nsl.learners import FewShotLearner, build_learner
 from fewshot_nsl.runtime import memory_format, resolve_device, seeded
 
 LOG_EVERY = 50
+METRICS_HEADER = ["iteration", "split", "loss", "acc", "ci95", "lr", "seconds"]
 
 
 @dataclass(frozen=True)
@@ -59,15 +78,56 @@ def default_run_dir(config: RunConfig) -> Path:
     return Path("runs") / f"{config.method}-{config.backbone}-{similarity}-{Path(config.dataset).name}-seed{config.seed}"
 
 
+@dataclass
+class _Progress:
+    """What the loop carries from one iteration to the next (saved in ``last.pt``)."""
+
+    iteration: int = 0
+    best_acc: float | None = None
+    seconds: float = 0.0
+    window_loss: list[float] = field(default_factory=list)
+    window_acc: list[float] = field(default_factory=list)
+    skipped_nonfinite: int = 0
+
+
+@dataclass(frozen=True)
+class _Data:
+    train_set: ImageClassSet
+    val_set: ImageClassSet | None
+    val_manifest: Manifest | None
+
+
 def train(config: RunConfig, overwrite: bool = False, progress: bool = True) -> TrainResult:
     """Train a learner as ``config`` says and leave a complete run directory."""
     config = config.resolve()
-    device = resolve_device(config.device)
-    protocol = resolve_protocol(config.dataset, config.protocol)
     run_dir = Path(config.run_dir) if config.run_dir else default_run_dir(config)
-    config = config.updated({"protocol": protocol, "run_dir": str(run_dir)})
-    spec = dataset_spec(config.dataset)
+    config = config.updated({"protocol": resolve_protocol(config.dataset, config.protocol), "run_dir": str(run_dir)})
+    data = _load_data(config)
+    moved = prepare_run_dir(run_dir, config, overwrite)
+    if moved is not None and progress:
+        print(f"--overwrite: the previous run in {run_dir} was moved to {moved}")
+    return _run(config, run_dir, data, None, progress)
 
+
+def resume(run_dir: Path, progress: bool = True) -> TrainResult:
+    """Continue an interrupted run from its ``last.pt``, exactly as if it had never stopped."""
+    config = read_config(run_dir)
+    if not (run_dir / LAST).exists():
+        raise UserError(
+            f"{run_dir} has no {LAST} to resume from (it stopped before its first checkpoint); start it again with "
+            f"`fewshot-nsl train --config {run_dir / CONFIG_FILE} --overwrite`"
+        )
+    if (run_dir / SUMMARY_FILE).exists():
+        raise UserError(f"{run_dir} is a finished run ({SUMMARY_FILE} exists); nothing to resume")
+    state = load_checkpoint(run_dir / LAST)
+    if "optimizer" not in state:
+        raise UserError(f"{run_dir / LAST} holds no training state (written by an older version); it cannot be resumed")
+    return _run(config, run_dir, _load_data(config), state, progress)
+
+
+def _load_data(config: RunConfig) -> _Data:
+    protocol = config.protocol
+    spec = dataset_spec(config.dataset)
     train_set = load_split(config.dataset, "train", protocol, config.data_root, config.image_size)
     val_set = None
     if protocol != "lake":
@@ -81,24 +141,47 @@ def train(config: RunConfig, overwrite: bool = False, progress: bool = True) -> 
         config.dataset, protocol, "val", config.val_ways or spec.eval_ways, config.val_shots or config.shots,
         spec.eval_queries, config.val_episodes, seed=config.seed,
     )  # fmt: skip
-    val_manifest = draw(val_spec, val_set) if val_set is not None else None
-    prepare_run_dir(run_dir, config, overwrite)
+    return _Data(train_set, val_set, draw(val_spec, val_set) if val_set is not None else None)
 
+
+def _run(config: RunConfig, run_dir: Path, data: _Data, state: dict | None, progress: bool) -> TrainResult:
+    device = resolve_device(config.device)
     with seeded(config.seed):
-        learner = build_learner(config, train_set.image_shape)
+        learner = build_learner(config, data.train_set.image_shape)
     layout = memory_format(bool(config.channels_last))
     learner.to(device, memory_format=layout)
     optimizer = torch.optim.Adam(learner.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = learning_rate_schedule(optimizer, config)
-    sampler = EpisodeSampler(train_set, config.ways, config.shots, config.queries, torch.Generator().manual_seed(config.seed))
+    sampler = EpisodeSampler(
+        data.train_set, config.ways, config.shots, config.queries, torch.Generator().manual_seed(config.seed)
+    )
+    done = _Progress()
+    if state is not None:
+        learner.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        restore_random_state(state["random"], sampler.generator)
+        done = _Progress(**state["progress"])
+        _truncate_metrics(run_dir / METRICS_FILE, done.iteration)
 
-    best_acc: float | None = None
-    started = time.perf_counter()
-    window_loss, window_acc = [], []
-    with open(run_dir / METRICS_FILE, "w", newline="") as handle:
+    def checkpoint() -> None:
+        save_atomically(
+            {"model": learner.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+             "random": random_state(sampler.generator), "progress": asdict(done), **checkpoint_metadata(config)},
+            run_dir / LAST,
+        )  # fmt: skip
+
+    started = time.perf_counter() - done.seconds
+    fresh = state is None
+    with open(run_dir / METRICS_FILE, "w" if fresh else "a", newline="") as handle, _StopSignals() as stop:
         metrics = csv.writer(handle)
-        metrics.writerow(["iteration", "split", "loss", "acc", "ci95", "lr", "seconds"])
-        bar = tqdm(range(1, config.episodes + 1), disable=not progress, desc="train", unit="it", dynamic_ncols=True)
+        if fresh:
+            metrics.writerow(METRICS_HEADER)
+            handle.flush()
+        bar = tqdm(
+            range(done.iteration + 1, config.episodes + 1), disable=not progress, desc="train", unit="it",
+            dynamic_ncols=True, initial=done.iteration, total=config.episodes,
+        )  # fmt: skip
         for iteration in bar:
             learner.train()
             learner.set_iteration(iteration - 1)
@@ -108,30 +191,88 @@ def train(config: RunConfig, overwrite: bool = False, progress: bool = True) -> 
             penalty = regularisation(learner)
             if isinstance(penalty, torch.Tensor):
                 penalty.backward()
-            optimizer.step()
+            loss = result.loss.item()
+            if math.isfinite(loss):
+                optimizer.step()
+            elif config.skip_nonfinite:
+                done.skipped_nonfinite += 1
+            else:
+                raise UserError(
+                    f"the training loss became {loss} at iteration {iteration}; stopped before applying it. "
+                    f"{run_dir / LAST} keeps the last good state (iteration {done.iteration}): lower --lr and "
+                    f"`fewshot-nsl train --resume {run_dir}`, or train with --skip-nonfinite to skip and count such batches"
+                )
             schedule.step()
-            window_loss.append(result.loss.item())
-            window_acc.append(result.accuracy)
-            if iteration % LOG_EVERY == 0 or iteration == config.episodes:
-                loss, acc = sum(window_loss) / len(window_loss), sum(window_acc) / len(window_acc)
-                metrics.writerow([iteration, "train", f"{loss:.5f}", f"{acc:.5f}", "", f"{schedule.get_last_lr()[0]:.3g}", f"{time.perf_counter() - started:.1f}"])
+            done.iteration = iteration
+            if math.isfinite(loss):
+                done.window_loss.append(loss)
+                done.window_acc.append(result.accuracy)
+            if (iteration % LOG_EVERY == 0 or iteration == config.episodes) and done.window_loss:
+                mean_loss = sum(done.window_loss) / len(done.window_loss)
+                mean_acc = sum(done.window_acc) / len(done.window_acc)
+                metrics.writerow([iteration, "train", f"{mean_loss:.5f}", f"{mean_acc:.5f}", "", f"{schedule.get_last_lr()[0]:.3g}", f"{time.perf_counter() - started:.1f}"])
                 handle.flush()
-                bar.set_postfix(loss=f"{loss:.3f}", acc=f"{100 * acc:.1f}")
-                window_loss, window_acc = [], []
-            if val_manifest is not None and (iteration % config.val_every == 0 or iteration == config.episodes):
-                summary, _ = evaluate_learner(learner, val_set, val_manifest, device, layout, progress=False)
+                bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{100 * mean_acc:.1f}")
+                done.window_loss, done.window_acc = [], []
+            if data.val_manifest is not None and (iteration % config.val_every == 0 or iteration == config.episodes):
+                summary, _ = evaluate_learner(learner, data.val_set, data.val_manifest, device, layout, progress=False)
                 metrics.writerow([iteration, "val", "", f"{summary.mean:.5f}", f"{summary.ci95:.5f}", "", f"{time.perf_counter() - started:.1f}"])
-                if best_acc is None or summary.mean > best_acc:
-                    best_acc = summary.mean
-                    save_atomically({"model": learner.state_dict(), "iteration": iteration, "val_acc": best_acc}, run_dir / BEST)
-                bar.write(f"iteration {iteration}: val {summary}" + (" (best)" if best_acc == summary.mean else ""))
-    seconds = time.perf_counter() - started
-    save_atomically({"model": learner.state_dict(), "iteration": config.episodes, "val_acc": None}, run_dir / LAST)
-    if val_manifest is None:
-        save_atomically({"model": learner.state_dict(), "iteration": config.episodes, "val_acc": None}, run_dir / BEST)
+                handle.flush()
+                if done.best_acc is None or summary.mean > done.best_acc:
+                    done.best_acc = summary.mean
+                    save_atomically({"model": learner.state_dict(), "iteration": iteration, "val_acc": done.best_acc,
+                                     **checkpoint_metadata(config)}, run_dir / BEST)  # fmt: skip
+                bar.write(f"iteration {iteration}: val {summary}" + (" (best)" if done.best_acc == summary.mean else ""))
+            done.seconds = time.perf_counter() - started
+            if iteration % config.checkpoint_every == 0 or iteration == config.episodes:
+                checkpoint()
+            if stop.received:
+                checkpoint()
+                raise Interrupted(
+                    f"stopped by {stop.received} at iteration {iteration} of {config.episodes}; the state is saved in "
+                    f"{run_dir / LAST}: continue with `fewshot-nsl train --resume {run_dir}`"
+                )
+    if data.val_manifest is None:
+        save_atomically({"model": learner.state_dict(), "iteration": config.episodes, "val_acc": None,
+                         **checkpoint_metadata(config)}, run_dir / BEST)  # fmt: skip
     write_summary(
         run_dir,
-        {"iterations": config.episodes, "train_seconds": round(seconds, 1), "best_val_acc": best_acc,
-         "parameters": parameter_count(learner), "device": str(device)},
+        {"iterations": config.episodes, "train_seconds": round(done.seconds, 1), "best_val_acc": done.best_acc,
+         "skipped_nonfinite": done.skipped_nonfinite, "parameters": parameter_count(learner), "device": str(device)},
     )  # fmt: skip
-    return TrainResult(run_dir, config.episodes, seconds, best_acc)
+    return TrainResult(run_dir, config.episodes, done.seconds, done.best_acc)
+
+
+def _truncate_metrics(path: Path, iteration: int) -> None:
+    """Drop metric rows logged after the checkpoint a resumed run restarts from (and any torn last line)."""
+    rows = []
+    if path.exists():
+        with open(path, newline="") as handle:
+            rows = [row for row in csv.reader(handle) if len(row) == len(METRICS_HEADER)]
+    body = [row for row in rows[1:] if row[0].isdigit() and int(row[0]) <= iteration]
+    kept = [METRICS_HEADER, *body]
+    with open(path, "w", newline="") as handle:
+        csv.writer(handle).writerows(kept)
+
+
+class _StopSignals:
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each iteration (main thread only)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for number in self.SIGNALS:
+                self._previous[number] = signal.signal(number, self._note)
+        return self
+
+    def _note(self, number: int, frame: object) -> None:
+        self.received = signal.Signals(number).name
+
+    def __exit__(self, *exc: object) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)

@@ -60,17 +60,22 @@ class Episode:
         )
 
 
+def image_indices(dataset: ImageClassSet, indices: EpisodeIndices) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dataset positions of an episode's support and query images, class-major."""
+    members = [dataset.members(int(c)) for c in indices.classes]
+    support = torch.stack([m[s] for m, s in zip(members, indices.support)]).reshape(-1)
+    query = torch.stack([m[q] for m, q in zip(members, indices.query)]).reshape(-1)
+    return support, query
+
+
 def materialise(dataset: ImageClassSet, indices: EpisodeIndices) -> Episode:
     """Gather the images an ``EpisodeIndices`` names and convert them to float."""
-    ways, shots, queries = indices.ways, indices.shots, indices.queries
-    members = [dataset.members(int(c)) for c in indices.classes]
-    support_idx = torch.stack([m[s] for m, s in zip(members, indices.support)]).reshape(-1)
-    query_idx = torch.stack([m[q] for m, q in zip(members, indices.query)]).reshape(-1)
-    labels = torch.arange(ways)
+    support_idx, query_idx = image_indices(dataset, indices)
+    labels = torch.arange(indices.ways)
     return Episode(
         support_images=dataset.to_float(dataset.images[support_idx]),
-        support_labels=labels.repeat_interleave(shots),
+        support_labels=labels.repeat_interleave(indices.shots),
         query_images=dataset.to_float(dataset.images[query_idx]),
-        query_labels=labels.repeat_interleave(queries),
-        ways=ways,
+        query_labels=labels.repeat_interleave(indices.queries),
+        ways=indices.ways,
     )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import torch
 
 from fewshot_nsl.backbones import build_backbone, resolve_similarity
@@ -25,26 +28,43 @@ def maml_plus_plus(config: RunConfig) -> MAMLPlusPlus:
 def recipe_columns(config: RunConfig) -> dict[str, object]:
     """What tells two trainings apart beyond method and backbone: the leaderboard records all of it.
 
-    ``recipe`` is a readable summary, e.g. ``5w1s1q mb32 learned-head 1/3 steps a=0.4 2nd-order``
-    (MAML++ switches appended, ``ca`` for the cosine meta learning rate).
+    ``recipe`` is a readable summary, e.g. ``5w1s1q mb32 6000it learned-head 1/3 steps a=0.4 mean-loss
+    second-order`` (``train+val``, MAML++ switches and ``ca`` for a cosine meta learning rate appended
+    when used); ``config_hash`` fingerprints every recipe field (all but seed, paths and device), so no
+    two different recipes share it.
     """
     columns: dict[str, object] = {
         "train_ways": config.ways, "train_shots": config.shots, "train_queries": config.queries,
-        "meta_batch": config.meta_batch, "lr_schedule": config.lr_schedule,
+        "meta_batch": config.meta_batch, "lr_schedule": config.lr_schedule, "train_on_val": config.train_on_val,
+        "nsl_kind": config.similarity or ("static" if config.backbone.startswith("nsl-") else "conv"),
+        "nsl_form": config.nsl_form if config.backbone.startswith("nsl-") else None,
+        "nsl_hidden": config.nsl_hidden if config.similarity == "dynamic" else None,
+        "config_hash": recipe_hash(config),
     }  # fmt: skip
-    label = f"{config.ways}w{config.shots}s{config.queries}q mb{config.meta_batch}"
+    label = f"{config.ways}w{config.shots}s{config.queries}q mb{config.meta_batch} {config.episodes}it"
+    label += " train+val" if config.train_on_val else ""
     if config.method == "maml":
         order = "first" if config.first_order else "second"
         switches = list(maml_plus_plus(config).enabled()) + (["ca"] if config.lr_schedule == "cosine" else [])
         columns |= {
             "maml_head": config.head, "inner_steps": config.inner_steps, "eval_inner_steps": config.eval_inner_steps,
-            "inner_lr": config.inner_lr, "inner_loss": config.inner_loss, "maml_order": order, "maml_plus_plus": "+".join(switches) or "none",
+            "inner_lr": config.inner_lr, "inner_loss": config.inner_loss, "maml_order": order,
+            "maml_plus_plus": "+".join(switches) or "none",
         }  # fmt: skip
         label += f" {config.head}-head {config.inner_steps}/{config.eval_inner_steps} steps a={config.inner_lr}"
         label += f" {config.inner_loss}-loss {order}-order"
         label += "".join(f" {flag}" for flag, on in (("meta-sgd", config.meta_sgd), ("anil", config.anil)) if on)
         label += f" maml++:{'+'.join(switches)}" if switches else ""
     return columns | {"recipe": label}
+
+
+NOT_RECIPE = ("seed", "run_dir", "data_root", "device", "val_every", "val_episodes", "checkpoint_every")
+
+
+def recipe_hash(config: RunConfig) -> str:
+    """A short fingerprint of everything in a resolved config that changes what is trained."""
+    fields = {key: value for key, value in sorted(config.to_dict().items()) if key not in NOT_RECIPE}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def build_learner(config: RunConfig, image_shape: tuple[int, int, int]) -> FewShotLearner:
@@ -77,4 +97,4 @@ def build_learner(config: RunConfig, image_shape: tuple[int, int, int]) -> FewSh
     )
 
 
-__all__ = ["MAML", "MAMLPlusPlus", "maml_plus_plus", "recipe_columns", "BatchResult", "FewShotLearner", "ProtoNet", "build_learner"]
+__all__ = ["MAML", "MAMLPlusPlus", "maml_plus_plus", "recipe_columns", "recipe_hash", "BatchResult", "FewShotLearner", "ProtoNet", "build_learner"]

@@ -73,6 +73,22 @@ class FewShotLearner(nn.Module, abc.ABC):
         """Training progress (meta-iterations done), for learners whose recipe anneals with it."""
 
 
+class EmbeddingLearner(FewShotLearner):
+    """A learner whose backbone embeds every image on its own in eval mode (no adaptation, BatchNorm
+    with running statistics), so the evaluator may embed each test image once and score every episode
+    from the cached embeddings (``score_embedded``) instead of re-embedding per episode."""
+
+    @abc.abstractmethod
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) images to (B, D) embeddings."""
+
+    @abc.abstractmethod
+    def score_embedded(
+        self, support: torch.Tensor, support_labels: torch.Tensor, ways: int, queries: torch.Tensor
+    ) -> torch.Tensor:
+        """Query logits (Q, ways) from support and query embeddings."""
+
+
 def summarise(logits: Sequence[torch.Tensor], labels: Sequence[torch.Tensor]) -> BatchResult:
     """Mean loss over episodes and accuracy over all their queries."""
     loss = torch.stack([F.cross_entropy(lg, lb) for lg, lb in zip(logits, labels)]).mean()

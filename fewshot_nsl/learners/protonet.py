@@ -12,7 +12,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from fewshot_nsl.episodes.episode import Episode
-from fewshot_nsl.learners.base import FewShotLearner
+from fewshot_nsl.learners.base import EmbeddingLearner
 
 DISTANCES = ("euclidean", "cosine")
 
@@ -25,7 +25,7 @@ def class_means(embeddings: torch.Tensor, labels: torch.Tensor, ways: int) -> to
     return sums / counts.unsqueeze(1)
 
 
-class ProtoNet(FewShotLearner):
+class ProtoNet(EmbeddingLearner):
     def __init__(self, backbone: nn.Module, distance: str = "euclidean", cosine_scale: float = 10.0):
         super().__init__(backbone)
         if distance not in DISTANCES:
@@ -36,13 +36,21 @@ class ProtoNet(FewShotLearner):
         self.prototypes: torch.Tensor | None = None
 
     def fit(self, support_images: torch.Tensor, support_labels: torch.Tensor, ways: int) -> "ProtoNet":
-        self.prototypes = class_means(self.backbone(support_images), support_labels, ways)
+        self.prototypes = class_means(self.embed(support_images), support_labels, ways)
         return self
 
     def forward(self, query_images: torch.Tensor) -> torch.Tensor:
         if self.prototypes is None:
             raise RuntimeError("call fit(support) before scoring queries")
-        return self._logits(self.backbone(query_images), self.prototypes)
+        return self._logits(self.embed(query_images), self.prototypes)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(images)
+
+    def score_embedded(
+        self, support: torch.Tensor, support_labels: torch.Tensor, ways: int, queries: torch.Tensor
+    ) -> torch.Tensor:
+        return self._logits(queries, class_means(support, support_labels, ways))
 
     def _logits(self, queries: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
         if self.distance == "cosine":

@@ -10,8 +10,10 @@ writers (two evaluations, two benchmark processes) never lose each other's rows.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
@@ -22,8 +24,8 @@ from fewshot_nsl.errors import UserError
 COLUMNS = [
     "timestamp", "method", "backbone", "similarity", "dataset", "protocol", "ways", "shots", "queries",
     "episodes", "acc", "ci95", "manifest", "manifest_hash", "parameters", "train_episodes", "train_seconds",
-    "seed", "version", "git_commit", "run_dir", "recipe", "train_ways", "train_shots", "train_queries",
-    "meta_batch", "lr_schedule", "maml_head", "inner_steps", "eval_inner_steps", "inner_lr", "inner_loss", "maml_order",
+    "seed", "version", "git_commit", "git_dirty", "run_dir", "recipe", "config_hash", "train_ways", "train_shots",
+    "train_queries", "meta_batch", "lr_schedule", "train_on_val", "nsl_kind", "nsl_form", "nsl_hidden", "maml_head", "inner_steps", "eval_inner_steps", "inner_lr", "inner_loss", "maml_order",
     "maml_plus_plus",
 ]  # fmt: skip
 RANK_KEYS = ["dataset", "protocol", "ways", "shots"]
@@ -40,7 +42,18 @@ def read(path: Path) -> pd.DataFrame:
     missing = [c for c in ("method", "dataset", "acc") if c not in frame.columns]
     if missing:
         raise UserError(f"{path} lacks the column(s) {', '.join(missing)}; is it a fewshot-nsl leaderboard?")
+    accuracy = pd.to_numeric(frame["acc"], errors="coerce")
+    broken = frame.index[accuracy.isna() | (accuracy < 0) | (accuracy > 1)]
+    if len(broken):
+        raise UserError(
+            f"{path} row {int(broken[0]) + 2} has acc {frame['acc'].iloc[broken[0]]!r}, not a number in [0, 1]; "
+            f"fix the file by hand (its last good version is {backup_path(path).name} if it exists)"
+        )
     return frame
+
+
+def backup_path(path: Path) -> Path:
+    return path.with_name(path.name + ".bak")
 
 
 def append(path: Path, row: dict[str, Any]) -> pd.DataFrame:
@@ -54,6 +67,8 @@ def append(path: Path, row: dict[str, Any]) -> pd.DataFrame:
         os.close(handle)
         try:
             combined.to_csv(tmp, index=False)
+            if path.exists():
+                shutil.copy2(path, backup_path(path))  # the version before this rewrite
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -61,23 +76,28 @@ def append(path: Path, row: dict[str, Any]) -> pd.DataFrame:
     return combined
 
 
-def ranked(frame: pd.DataFrame, dataset: str | None = None, ways: int | None = None, shots: int | None = None) -> pd.DataFrame:
-    """Filter, then sort each task group (dataset, protocol, ways, shots) by accuracy, best first."""
-    for column, value in (("dataset", dataset), ("ways", ways), ("shots", shots)):
-        if value is not None:
-            frame = frame[frame[column] == value]
-    frame = frame.sort_values(RANK_KEYS + ["acc"], ascending=[True] * len(RANK_KEYS) + [False])
-    return frame.assign(rank=frame.groupby(RANK_KEYS, dropna=False).cumcount() + 1)
+def ranked(frame: pd.DataFrame, where: dict[str, str] | None = None, group_by: Sequence[str] = ()) -> pd.DataFrame:
+    """Keep rows whose columns equal ``where`` (compared as text), then rank by accuracy, best
+    first, within each task group (dataset, protocol, ways, shots) and any ``group_by`` columns."""
+    for column in [*(where or {}), *group_by]:
+        if column not in frame.columns:
+            raise UserError(f"the leaderboard has no column {column!r}; columns: {', '.join(frame.columns)}")
+    for column, value in (where or {}).items():
+        frame = frame[frame[column].astype(str) == str(value)]
+    keys = RANK_KEYS + [c for c in group_by if c not in RANK_KEYS]
+    frame = frame.sort_values(keys + ["acc"], ascending=[True] * len(keys) + [False])
+    return frame.assign(rank=frame.groupby(keys, dropna=False).cumcount() + 1)
 
 
-def render(frame: pd.DataFrame, fmt: str) -> str:
-    """A compact table: ``markdown`` (aligned text) or ``csv``."""
+def render(frame: pd.DataFrame, fmt: str, extra: Sequence[str] = ()) -> str:
+    """A compact table (plus ``extra`` columns): ``markdown`` (aligned text) or ``csv``."""
     recipes = frame["recipe"].astype(object) if "recipe" in frame else pd.Series(None, index=frame.index, dtype=object)
     frame = frame.assign(recipe=recipes.fillna("—"))
     shown = frame.assign(
         **{"acc %": (100 * frame["acc"]).round(2), "± ci95": (100 * frame["ci95"]).round(2)}
     )[["rank", "dataset", "protocol", "ways", "shots", "method", "backbone", "similarity", "acc %", "± ci95",
-       "episodes", "parameters", "train_episodes", "seed", "recipe", "run_dir"]]  # fmt: skip
+       "episodes", "parameters", "train_episodes", "seed", "recipe", *[c for c in extra if c != "recipe"],
+       "run_dir"]]  # fmt: skip
     if fmt == "csv":
         return shown.to_csv(index=False)
     header = "| " + " | ".join(shown.columns) + " |"
