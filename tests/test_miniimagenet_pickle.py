@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 from fewshot_nsl.data.miniimagenet import load_miniimagenet
 from fewshot_nsl.data.safe_pickle import load_plain_pickle
 from fewshot_nsl.errors import UserError
+from tests.hostile_pickles import RunsCode
 
 
 def write_cache(folder: Path, split_name: str, classes: dict[str, int], seed: int, protocol: int = 4) -> np.ndarray:
@@ -44,20 +44,12 @@ def test_pickle_cache_gives_sorted_classes_and_their_images(tmp_path: Path, prot
     assert torch.equal(data.images[data.members(1)[0]], first_of_n02)
 
 
-class _RunsCode:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     folder = tmp_path / "miniimagenet"
     folder.mkdir()
     path = folder / "mini-imagenet-cache-test.pkl"
-    path.write_bytes(pickle.dumps({"image_data": _RunsCode(marker), "class_dict": {}}))
+    path.write_bytes(pickle.dumps({"image_data": RunsCode(marker), "class_dict": {}}))
     with pytest.raises(UserError, match="posix.system is not plain data|os.system is not plain data"):
         load_plain_pickle(path)
     with pytest.raises(UserError, match="refusing to unpickle"):

@@ -21,6 +21,7 @@ from fewshot_nsl.engine.checkpoint import load_checkpoint
 from fewshot_nsl.engine.trainer import resume, train
 from fewshot_nsl.errors import UserError
 from fewshot_nsl.results import leaderboard
+from tests.hostile_pickles import DiskFull, RunsCode
 
 REPO = Path(__file__).resolve().parents[1]
 # A small ProtoNet run: narrow Conv-4, 5-way 1-shot 1-query, a checkpoint every 5 iterations.
@@ -90,22 +91,12 @@ def test_killed_or_stopped_runs_resume_to_the_same_weights_bitwise(tmp_path: Pat
         assert list(metrics["iteration"]) == list(pd.read_csv(tmp_path / "runs/whole/metrics.csv")["iteration"])
 
 
-class _Payload:
-    """Unpickling this would run ``touch <marker>``."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text("method: protonet\n")
     marker = tmp_path / "pwned"
-    torch.save({"model": _Payload(marker)}, run_dir / "best.pt")
+    torch.save({"model": RunsCode(marker)}, run_dir / "best.pt")
     with pytest.raises(UserError, match="not a safe fewshot-nsl checkpoint"):
         load_checkpoint(run_dir / "best.pt")
     assert run(["eval", "--run-dir", str(run_dir), "--no-progress"]) == 2
@@ -184,20 +175,13 @@ def test_missing_real_data_fails_unless_skipping_is_asked_for(tmp_path: Path, sk
         assert done.returncode == 1 and "1 error" in done.stdout and "real data not found" in done.stdout
 
 
-class _DiskFull:
-    """Pickling this fails the way a full disk does, midway through a checkpoint."""
-
-    def __reduce__(self):
-        raise OSError(28, "No space left on device")
-
-
 def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path: Path) -> None:
     from fewshot_nsl.engine.checkpoint import save_atomically
 
     path = tmp_path / "last.pt"
     save_atomically({"model": {"w": torch.ones(2)}}, path)
     with pytest.raises(UserError, match="No space left on device.*previous last.pt is intact"):
-        save_atomically({"model": {"w": torch.zeros(2)}, "extra": _DiskFull()}, path)
+        save_atomically({"model": {"w": torch.zeros(2)}, "extra": DiskFull()}, path)
     assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
 
