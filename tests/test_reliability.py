@@ -197,3 +197,12 @@ def test_a_checkpoint_of_another_model_is_refused_naming_the_difference(tmp_path
         from fewshot_nsl.engine.checkpoint import load_run
 
         load_run(tmp_path / "runs/a")
+
+
+@pytest.mark.real_data
+@pytest.mark.parametrize("form", ["diagonal", "full"])
+def test_training_with_static_nsl_layers_and_their_penalty_runs(tmp_path: Path, env: dict, form: str) -> None:
+    """The trainer backpropagates layer penalties separately; a penalty without gradient must not break it."""
+    config = RunConfig(method="protonet", backbone="nsl-conv4", similarity="static", nsl_form=form, width=8, ways=5,
+                       shots=1, queries=1, episodes=3, val_every=1000, run_dir=f"runs/{form}")  # fmt: skip
+    assert train(config, progress=False).iterations == 3

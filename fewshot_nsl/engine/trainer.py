@@ -189,7 +189,7 @@ def _run(config: RunConfig, run_dir: Path, data: _Data, state: dict | None, prog
             optimizer.zero_grad(set_to_none=True)
             result = learner.backward_batch(batch)
             penalty = regularisation(learner)
-            if isinstance(penalty, torch.Tensor):
+            if isinstance(penalty, torch.Tensor) and penalty.requires_grad:  # e.g. full static NSL's pull toward I
                 penalty.backward()
             loss = result.loss.item()
             if math.isfinite(loss):
