@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from fewshot_nsl.cli.main import run
 from fewshot_nsl.data.roots import DATA_ENV
@@ -68,7 +69,10 @@ def test_bad_input_gives_one_line_errors(workdir: Path, capsys: pytest.CaptureFi
         (["train", "--resume", "nowhere"], "train into it first"),
         (["train", "--resume", "nowhere", "--ways", "5"], "drop the other training flags"),
         (["train", "--method", "maml", "--head", "learned", "--meta-sgd", "--lslr"], "Meta-SGD (per entry) or MAML++ LSLR"),
+        (["train", "--device", "tpu"], "--device must be auto, cpu or cuda"),
     ]
+    if not torch.cuda.is_available():
+        cases.append((["train", "--device", "cuda"], "no CUDA device is available; use --device cpu or auto"))
     for argv, message in cases:
         assert run(argv) == 2
         err = capsys.readouterr().err.strip()

@@ -100,6 +100,7 @@ class _Data:
 def train(config: RunConfig, overwrite: bool = False, progress: bool = True) -> TrainResult:
     """Train a learner as ``config`` says and leave a complete run directory."""
     config = config.resolve()
+    resolve_device(config.device)  # a device that is not there fails before any data is read
     run_dir = Path(config.run_dir) if config.run_dir else default_run_dir(config)
     config = config.updated({"protocol": resolve_protocol(config.dataset, config.protocol), "run_dir": str(run_dir)})
     data = _load_data(config)
