@@ -76,17 +76,46 @@ def test_shipped_manifests_match_real_data(real_omniglot_root, real_cache_dir, m
 
 @pytest.mark.real_data
 def test_shipped_miniimagenet_manifests_match_real_data(real_miniimagenet_root, real_cache_dir, monkeypatch):
+    """The 600-episode files and the 10,000-episode pins both give what a fresh seeded draw gives."""
     from fewshot_nsl.data.registry import load_split
-    from fewshot_nsl.episodes.manifest import STANDARD_SPECS, manifest_path
+    from fewshot_nsl.episodes.manifest import STANDARD_SPECS, manifest_path, pin_path, stored_manifest
 
     monkeypatch.setenv("FEWSHOT_NSL_CACHE", str(real_cache_dir))
     test = load_split("miniimagenet", "test", "ravi", real_miniimagenet_root)
     specs = [spec for spec in STANDARD_SPECS if spec.dataset == "miniimagenet"]
     assert sorted((s.shots, s.episodes) for s in specs) == [(1, 600), (1, 10000), (5, 600), (5, 10000)]
     for spec in specs:
-        stored = Manifest.load(manifest_path(spec))
+        committed = manifest_path(spec) if spec.episodes == 600 else pin_path(spec)
+        assert committed.exists(), committed
+        stored = stored_manifest(spec, test)
         stored.check_dataset(test)
+        assert len(stored) == spec.episodes
         assert stored.content_hash() == draw(spec, test).content_hash(), spec.name
+
+
+def test_large_manifests_are_pinned_and_a_changed_draw_is_refused(tmp_path):
+    """Above PIN_ABOVE_EPISODES only spec, fingerprint and hash are written; a redraw must reproduce the hash."""
+    import json
+
+    from fewshot_nsl.episodes.manifest import PIN_ABOVE_EPISODES, manifest_path, pin_path, save_standard, stored_manifest
+
+    dataset = synthetic_set()
+    small = ManifestSpec("synthetic", "none", "test", 5, 1, 2, PIN_ABOVE_EPISODES)
+    large = ManifestSpec("synthetic", "none", "test", 5, 1, 2, PIN_ABOVE_EPISODES + 1)
+    assert save_standard(draw(small, dataset), tmp_path) == manifest_path(small, tmp_path)
+    assert save_standard(draw(large, dataset), tmp_path) == pin_path(large, tmp_path)
+    assert not manifest_path(large, tmp_path).exists()
+    restored = stored_manifest(large, dataset, tmp_path)
+    assert restored.content_hash() == draw(large, dataset).content_hash() and len(restored) == PIN_ABOVE_EPISODES + 1
+    assert stored_manifest(ManifestSpec("synthetic", "none", "test", 5, 1, 3, 5000), dataset, tmp_path) is None
+
+    pin = json.loads(pin_path(large, tmp_path).read_text())
+    pin_path(large, tmp_path).write_text(json.dumps(pin | {"hash": "0" * 16}))
+    with pytest.raises(UserError, match="no longer gives the pinned episodes"):
+        stored_manifest(large, dataset, tmp_path)
+    pin_path(large, tmp_path).write_text(json.dumps(pin))
+    with pytest.raises(UserError, match="fingerprint"):
+        stored_manifest(large, synthetic_set(classes=13), tmp_path)
 
 
 @pytest.mark.real_data

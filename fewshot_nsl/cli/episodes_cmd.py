@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from fewshot_nsl.data.registry import load_split
-from fewshot_nsl.episodes.manifest import STANDARD_SPECS, Manifest, draw, episodes_dir, manifest_path
+from fewshot_nsl.episodes.manifest import STANDARD_SPECS, draw, episodes_dir, save_standard, stored_manifest
 from fewshot_nsl.errors import UserError
 
 
@@ -28,18 +28,22 @@ def handle(args: argparse.Namespace) -> None:
     for spec in specs:
         split = load_split(spec.dataset, spec.split, spec.protocol, args.data_root)
         redrawn = draw(spec, split)
-        path = manifest_path(spec, folder)
         if args.action == "make":
-            redrawn.save(path)
+            path = save_standard(redrawn, folder)
             print(f"wrote {path} #{redrawn.content_hash()}")
             continue
-        if not path.exists():
-            print(f"MISSING {path}")
+        try:
+            stored = stored_manifest(spec, split, folder)  # raises if a file or pin no longer matches its hash
+        except UserError as error:
+            print(f"DIFFERS {spec.name}: {error}")
             failures += 1
             continue
-        stored = Manifest.load(path)  # raises if the file no longer matches its hash
+        if stored is None:
+            print(f"MISSING {spec.name}")
+            failures += 1
+            continue
         same = stored.content_hash() == redrawn.content_hash()
         failures += not same
-        print(f"{'ok' if same else 'DIFFERS'} {path.name} #{stored.content_hash()}" + ("" if same else f" (redrawn #{redrawn.content_hash()})"))
+        print(f"{'ok' if same else 'DIFFERS'} {spec.name} #{stored.content_hash()}" + ("" if same else f" (redrawn #{redrawn.content_hash()})"))
     if failures:
         raise UserError(f"{failures} manifest(s) missing or different from a fresh draw; run `fewshot-nsl episodes make`")

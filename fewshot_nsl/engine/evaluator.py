@@ -18,7 +18,7 @@ from fewshot_nsl.data.dataset import ImageClassSet
 from fewshot_nsl.data.registry import dataset_spec, load_split
 from fewshot_nsl.engine.checkpoint import CONFIG_FILE, load_run
 from fewshot_nsl.episodes.episode import image_indices, materialise
-from fewshot_nsl.episodes.manifest import Manifest, ManifestSpec, draw, manifest_path
+from fewshot_nsl.episodes.manifest import Manifest, ManifestSpec, draw, stored_manifest
 from fewshot_nsl.episodes.sampler import check_task_fits
 from fewshot_nsl.errors import UserError
 from fewshot_nsl.learners import FewShotLearner, build_learner, recipe_columns
@@ -122,8 +122,8 @@ def select_manifest(request: EvalRequest, config: RunConfig, test_set: ImageClas
         request.queries or spec.eval_queries, request.episodes or spec.eval_episodes,
     )  # fmt: skip
     check_task_fits(test_set, wanted.ways, wanted.shots, wanted.queries)
-    path = manifest_path(wanted)
-    return Manifest.load(path) if path.exists() else draw(wanted, test_set)
+    stored = stored_manifest(wanted, test_set)
+    return stored if stored is not None else draw(wanted, test_set)
 
 
 def source_state() -> tuple[str, bool | None]:

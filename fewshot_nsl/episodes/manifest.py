@@ -86,11 +86,7 @@ class Manifest:
     def check_dataset(self, dataset: ImageClassSet) -> None:
         """Refuse a split this manifest was not drawn from."""
         if dataset.fingerprint() != self.fingerprint:
-            raise UserError(
-                f"episode manifest {self.spec.name} was made for a split with fingerprint {self.fingerprint}, "
-                f"but {dataset.name} has {dataset.fingerprint()}; use the data it was made for or "
-                f"run `fewshot-nsl episodes make`"
-            )
+            raise _wrong_split(self.spec.name, self.fingerprint, dataset)
 
     def save(self, path: Path) -> None:
         def compact(array: torch.Tensor) -> np.ndarray:
@@ -119,6 +115,13 @@ class Manifest:
         return manifest
 
 
+def _wrong_split(name: str, fingerprint: str, dataset: ImageClassSet) -> UserError:
+    return UserError(
+        f"episode manifest {name} was made for a split with fingerprint {fingerprint}, but {dataset.name} has "
+        f"{dataset.fingerprint()}; use the data it was made for or run `fewshot-nsl episodes make`"
+    )
+
+
 def draw(spec: ManifestSpec, dataset: ImageClassSet) -> Manifest:
     """Draw ``spec.episodes`` episodes with a generator seeded by ``spec.seed``."""
     generator = torch.Generator().manual_seed(spec.seed)
@@ -142,3 +145,49 @@ def episodes_dir() -> Path:
 
 def manifest_path(spec: ManifestSpec, folder: Path | None = None) -> Path:
     return (folder or episodes_dir()) / f"{spec.name}.npz"
+
+
+# Manifests of more episodes are committed as a pin - spec, split fingerprint and content hash -
+# and redrawn (seeded, about a second) when used: their indices would be megabytes in the repository.
+PIN_ABOVE_EPISODES = 1000
+
+
+def pin_path(spec: ManifestSpec, folder: Path | None = None) -> Path:
+    return (folder or episodes_dir()) / f"{spec.name}.pin.json"
+
+
+def save_standard(manifest: Manifest, folder: Path | None = None) -> Path:
+    """Commit form of a standard manifest: the indices, or above ``PIN_ABOVE_EPISODES`` episodes a pin."""
+    if len(manifest) <= PIN_ABOVE_EPISODES:
+        path = manifest_path(manifest.spec, folder)
+        manifest.save(path)
+        return path
+    path = pin_path(manifest.spec, folder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pin = {"spec": asdict(manifest.spec), "fingerprint": manifest.fingerprint, "hash": manifest.content_hash()}
+    path.write_text(json.dumps(pin, indent=2) + "\n")
+    return path
+
+
+def stored_manifest(spec: ManifestSpec, dataset: ImageClassSet, folder: Path | None = None) -> Manifest | None:
+    """The committed manifest of ``spec`` (from its file, or redrawn and checked against its pin); ``None`` if none.
+
+    A pinned manifest whose redraw differs from the pin is refused: the split or the sampler changed,
+    and these would no longer be the episodes every earlier result was measured on.
+    """
+    path = manifest_path(spec, folder)
+    if path.exists():
+        return Manifest.load(path)
+    pin = pin_path(spec, folder)
+    if not pin.exists():
+        return None
+    recorded = json.loads(pin.read_text())
+    if dataset.fingerprint() != recorded["fingerprint"]:
+        raise _wrong_split(spec.name, recorded["fingerprint"], dataset)
+    manifest = draw(spec, dataset)
+    if manifest.content_hash() != recorded["hash"]:
+        raise UserError(
+            f"redrawing {spec.name} no longer gives the pinned episodes (#{recorded['hash']}): the split or the "
+            f"episode sampler changed; use the data and version it was made for, or re-pin with `fewshot-nsl episodes make`"
+        )
+    return manifest
