@@ -3,6 +3,10 @@ reference, folding, gradients (incl. double backward), and torch.func use."""
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
+
 import pytest
 import torch
 from torch import nn
@@ -344,6 +348,16 @@ def test_channels_last_input(form, path, multi_chunk, monkeypatch):
 # ----------------------------------------------------------------- torch.func
 
 
+@contextlib.contextmanager
+def no_vmap_fallback() -> Iterator[None]:
+    """Fail if vmap met an op without a batching rule: it would loop over tasks one by one."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    fallbacks = {str(w.message).split(".")[0] for w in caught if "batching rule" in str(w.message)}
+    assert not fallbacks, f"vmap fell back to a per-task loop: {fallbacks}"
+
+
 def _task_params(layer: nn.Module, tasks: int) -> dict[str, torch.Tensor]:
     """Per-task parameters, as a MAML learner holds after inner-loop steps."""
     return {n: p.detach() + 0.1 * torch.randn(tasks, *p.shape) for n, p in layer.named_parameters()}
@@ -367,16 +381,19 @@ def test_vmap_over_tasks_matches_loop(layer_type, form, path, multi_chunk, monke
         return functional_call(layer, p, (x,))
 
     def inner_grad(p, x):
-        return grad(lambda q: forward(q, x).square().mean())(p)
+        """Gradients for the parameters and the input (a deeper layer's input is an activation)."""
+        return grad(lambda q, y: forward(q, y).square().mean(), argnums=(0, 1))(p, x)
 
-    batched = vmap(forward)(params, xs)
-    batched_grads = vmap(inner_grad)(params, xs)
+    with no_vmap_fallback():
+        batched = vmap(forward)(params, xs)
+        batched_grads = vmap(inner_grad)(params, xs)
     for t in range(tasks):
         p_t = {n: v[t] for n, v in params.items()}
         torch.testing.assert_close(batched[t], forward(p_t, xs[t]), atol=1e-5, rtol=1e-5)
-        g_t = inner_grad(p_t, xs[t])
+        g_t, gx_t = inner_grad(p_t, xs[t])
         for n in params:
-            torch.testing.assert_close(batched_grads[n][t], g_t[n], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(batched_grads[0][n][t], g_t[n], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(batched_grads[1][t], gx_t, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("form,path", DYNAMIC_PATHS)
@@ -401,7 +418,8 @@ def test_vmapped_maml_step_second_order(form, path, monkeypatch):
         g = grad(task_loss)(p, x)
         return task_loss({n: p[n] - 0.1 * g[n] for n in p}, x)
 
-    batched = grad(lambda p: vmap(adapted_loss, in_dims=(None, 0))(p, xs).sum())(init)
+    with no_vmap_fallback():
+        batched = grad(lambda p: vmap(adapted_loss, in_dims=(None, 0))(p, xs).sum())(init)
     looped = grad(lambda p: sum(adapted_loss(p, x) for x in xs))(init)
     for n in init:
         torch.testing.assert_close(batched[n], looped[n], atol=1e-9, rtol=1e-7)

@@ -132,7 +132,9 @@ def fold_tap_patches(
     a fresh buffer (a tap's windows do not overlap); the read-only operands
     are split with ``unbind`` to keep the per-tap indexing cheap. ``new_zeros``
     keeps the buffer batched under ``vmap`` and the adds stay differentiable
-    (double backward).
+    (double backward). The gain is applied out of place (``+= g * gain``, not
+    ``addcmul_``): vmap has no batching rule for ``addcmul_`` and would fall
+    back to a per-task loop.
     """
     n, _, _, k, _, channels = grad.shape
     out = grad.new_zeros((n, padded_height, padded_width, channels))
@@ -144,5 +146,5 @@ def fold_tap_patches(
         if gains is None:
             window += g
         else:
-            window.addcmul_(g, gains[t])
+            window += g * gains[t]
     return out
