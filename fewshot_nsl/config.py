@@ -99,6 +99,7 @@ class RunConfig:
     val_episodes: int = 200
     val_ways: int | None = None
     val_shots: int | None = None
+    val_queries: int | None = None
     checkpoint_every: int = 500
     skip_nonfinite: bool = False
     seed: int = 0
@@ -141,9 +142,12 @@ class RunConfig:
             defaults["val_ways"] = self.ways  # a learned head scores exactly its training ways
         filled = {k: v for k, v in defaults.items() if getattr(self, k) is None}
         resolved = dataclasses.replace(self, **filled)
-        for name in ("ways", "shots", "queries", "episodes", "meta_batch", "val_every", "val_episodes", "checkpoint_every"):
-            if getattr(resolved, name) < 1:
-                raise UserError(f"{name} must be >= 1, got {getattr(resolved, name)}")
+        lowest = {"ways": 2} | dict.fromkeys(
+            ("shots", "queries", "episodes", "meta_batch", "val_every", "val_episodes", "checkpoint_every"), 1
+        )  # fmt: skip
+        for name, low in lowest.items():
+            if getattr(resolved, name) < low:
+                raise UserError(f"{name} must be >= {low}, got {getattr(resolved, name)}")
         if resolved.lr <= 0:
             raise UserError(f"lr must be > 0, got {resolved.lr}")
         if resolved.lr_schedule not in LR_SCHEDULES:

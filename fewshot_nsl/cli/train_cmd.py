@@ -69,6 +69,7 @@ OPTIONS: list[tuple[str, object, str]] = [
     ("--val-episodes", int, "validation episodes (default 200)"),
     ("--val-ways", int, "validation ways (default: the dataset's evaluation ways)"),
     ("--val-shots", int, "validation shots (default: training shots)"),
+    ("--val-queries", int, "validation queries per class (default: the dataset's evaluation queries, 15)"),
     ("--checkpoint-every", int, "save the full training state (last.pt) every this many iterations (default 500)"),
     ("--skip-nonfinite", "store_true", "skip and count meta-batches whose loss is NaN/Inf instead of stopping"),
     ("--seed", int, "seed of every generator of the run (default 0)"),

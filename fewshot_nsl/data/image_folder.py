@@ -109,7 +109,7 @@ def _decode_one(data: torch.Tensor, path: Path, mode: ImageReadMode) -> torch.Te
     try:
         image = _decode_with_pil(path)
     except Exception as exc:  # PIL raises many types for broken files
-        raise UserError(f"cannot decode image {path}: {exc}") from None
+        raise UserError(f"cannot decode image {path} ({exc}); replace or delete the file, then run again") from None
     if mode == ImageReadMode.RGB and image.shape[0] == 1:
         image = image.expand(3, -1, -1).contiguous()
     return image
@@ -141,7 +141,7 @@ def _read_bytes(path: Path) -> torch.Tensor:
     try:
         return torch.from_numpy(np.fromfile(path, dtype=np.uint8))
     except OSError as exc:
-        raise UserError(f"cannot read image file {path}: {exc}") from None
+        raise UserError(f"cannot read image file {path} ({exc}); check its permissions, or delete it") from None
 
 
 def _decode_batch(chunk: Sequence[Path], mode: ImageReadMode) -> list[torch.Tensor]:
