@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import yaml
 
+from fewshot_nsl.data.class_split import ClassSplit
 from fewshot_nsl.errors import UserError
 
 METHODS = ("protonet", "maml")
@@ -63,6 +64,8 @@ class RunConfig:
     # data
     dataset: str = "omniglot"
     protocol: str | None = None
+    split_ratios: str | None = None  # image folders of class folders: "train,val,test" fractions
+    split_seed: int = 0
     image_size: int | None = None
     data_root: str | None = None
     # training task and budget
@@ -140,6 +143,11 @@ class RunConfig:
         }
         if maml and self.head == "learned":
             defaults["val_ways"] = self.ways  # a learned head scores exactly its training ways
+        if self.split_ratios is not None:
+            class_split = ClassSplit.parse(self.split_ratios, self.split_seed).protocol
+            if self.protocol not in (None, class_split):
+                raise UserError(f"--split-ratios defines the protocol ({class_split}); drop --protocol {self.protocol}")
+            defaults["protocol"] = class_split
         filled = {k: v for k, v in defaults.items() if getattr(self, k) is None}
         resolved = dataclasses.replace(self, **filled)
         lowest = {"ways": 2} | dict.fromkeys(

@@ -34,6 +34,8 @@ OPTIONS: list[tuple[str, object, str]] = [
     ("--distance", ("euclidean", "cosine"), "ProtoNet distance (default euclidean)"),
     ("--dataset", str, "omniglot, miniimagenet, or a path to an image folder <dir>/<split>/<class>/<img>"),
     ("--protocol", str, "omniglot: vinyals (default) or lake; miniimagenet: ravi"),
+    ("--split-ratios", str, "an image folder of class folders (no split folders): train,val,test class fractions, e.g. 0.64,0.16,0.20"),
+    ("--split-seed", int, "seed of the --split-ratios class permutation (default 0)"),
     ("--image-size", int, "resize images to this side (default: dataset's, 28 Omniglot, 84 Mini-ImageNet)"),
     ("--data-root", str, "folder holding omniglot/ and miniimagenet/ (default $FEWSHOT_NSL_DATA or ~/.cache/fewshot-nsl/data)"),
     ("--ways", int, "classes per training episode"),
