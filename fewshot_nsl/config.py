@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import yaml
 
+from fewshot_nsl.data.class_split import ClassSplit
 from fewshot_nsl.errors import UserError
 
 METHODS = ("protonet", "maml")
@@ -63,6 +64,8 @@ class RunConfig:
     # data
     dataset: str = "omniglot"
     protocol: str | None = None
+    split_ratios: str | None = None  # image folders of class folders: "train,val,test" fractions
+    split_seed: int = 0
     image_size: int | None = None
     data_root: str | None = None
     # training task and budget
@@ -99,6 +102,7 @@ class RunConfig:
     val_episodes: int = 200
     val_ways: int | None = None
     val_shots: int | None = None
+    val_queries: int | None = None
     checkpoint_every: int = 500
     skip_nonfinite: bool = False
     seed: int = 0
@@ -139,11 +143,19 @@ class RunConfig:
         }
         if maml and self.head == "learned":
             defaults["val_ways"] = self.ways  # a learned head scores exactly its training ways
+        if self.split_ratios is not None:
+            class_split = ClassSplit.parse(self.split_ratios, self.split_seed).protocol
+            if self.protocol not in (None, class_split):
+                raise UserError(f"--split-ratios defines the protocol ({class_split}); drop --protocol {self.protocol}")
+            defaults["protocol"] = class_split
         filled = {k: v for k, v in defaults.items() if getattr(self, k) is None}
         resolved = dataclasses.replace(self, **filled)
-        for name in ("ways", "shots", "queries", "episodes", "meta_batch", "val_every", "val_episodes", "checkpoint_every"):
-            if getattr(resolved, name) < 1:
-                raise UserError(f"{name} must be >= 1, got {getattr(resolved, name)}")
+        lowest = {"ways": 2} | dict.fromkeys(
+            ("shots", "queries", "episodes", "meta_batch", "val_every", "val_episodes", "checkpoint_every"), 1
+        )  # fmt: skip
+        for name, low in lowest.items():
+            if getattr(resolved, name) < low:
+                raise UserError(f"{name} must be >= {low}, got {getattr(resolved, name)}")
         if resolved.lr <= 0:
             raise UserError(f"lr must be > 0, got {resolved.lr}")
         if resolved.lr_schedule not in LR_SCHEDULES:

@@ -10,6 +10,7 @@ import torch
 
 from fewshot_nsl.cli.main import run
 from fewshot_nsl.data.roots import DATA_ENV
+from fewshot_nsl.results.provenance import source_state
 
 pytestmark = pytest.mark.real_data
 
@@ -46,6 +47,10 @@ def test_short_training_learns_and_cli_round_trip(workdir: Path, capsys: pytest.
     assert (row["method"], row["backbone"], row["similarity"], row["ways"], row["shots"], row["episodes"]) == (
         "protonet", "conv4", "conv", 5, 1, 200)  # fmt: skip
     assert row["train_episodes"] == 120 and row["parameters"] > 100_000 and len(str(row["manifest_hash"])) == 16
+    # provenance: the one training session and the evaluation ran this checkout's code
+    commit, dirty = source_state()
+    assert row["train_commits"] == commit + ("+dirty" if dirty else "") and row["git_commit"] == commit
+    assert row["provenance"] == ("dirty" if dirty else "clean")
     per_episode = pd.read_csv(run_dir / "eval" / f"{row['manifest']}.csv")
     assert len(per_episode) == 200 and per_episode["acc"].mean() == pytest.approx(row["acc"], abs=1e-6)
 

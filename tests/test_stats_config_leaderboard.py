@@ -3,6 +3,7 @@
 import math
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from fewshot_nsl.config import RunConfig, load_config
@@ -10,6 +11,7 @@ from fewshot_nsl.data.registry import dataset_spec
 from fewshot_nsl.errors import UserError
 from fewshot_nsl.learners import build_learner
 from fewshot_nsl.results import leaderboard
+from fewshot_nsl.results.provenance import provenance
 from fewshot_nsl.results.stats import confidence_interval
 
 
@@ -143,3 +145,32 @@ def test_leaderboard_plot(tmp_path):
         leaderboard.append(path, row(acc))
     leaderboard.plot(leaderboard.ranked(leaderboard.read(path)), tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    "eval_dirty,sessions,expected",
+    [
+        (False, ["abc1234"], "clean"),
+        (False, ["abc1234", "def5678"], "clean"),  # resumed at another clean commit
+        (True, ["abc1234"], "dirty"),
+        (False, ["abc1234", "def5678+dirty"], "dirty"),  # one training session ran uncommitted code
+        (None, ["abc1234+dirty"], "dirty"),
+        (False, None, "unverified"),  # a run trained before sessions were recorded
+        (False, ["unknown"], "unverified"),  # trained outside a git checkout
+        (float("nan"), ["abc1234"], "unverified"),  # a row written before git_dirty existed
+    ],
+)
+def test_provenance_is_clean_only_when_every_session_and_the_evaluation_were_committed(eval_dirty, sessions, expected):
+    assert provenance(eval_dirty, sessions) == expected
+
+
+def test_old_rows_are_marked_unverified_or_dirty_and_the_mark_is_written_back(tmp_path):
+    path = tmp_path / "board.csv"
+    old = pd.DataFrame([row(0.9, git_commit="aaa1111"), row(0.8, git_commit="bbb2222", git_dirty=True),
+                        row(0.7, git_commit="ccc3333", git_dirty=False)])  # fmt: skip
+    old.to_csv(path, index=False)  # as written before provenance existed
+    assert leaderboard.read(path)["provenance"].tolist() == ["unverified", "dirty", "unverified"]
+    leaderboard.append(path, row(0.6, provenance="clean"))
+    on_disk = pd.read_csv(path)
+    assert on_disk["provenance"].tolist() == ["unverified", "dirty", "unverified", "clean"]
+    assert "provenance" in leaderboard.render(leaderboard.ranked(leaderboard.read(path)), "csv").splitlines()[0]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
 from fewshot_nsl import __version__
 from fewshot_nsl.cli import data_cmd, episodes_cmd, eval_cmd, info_cmd, leaderboard_cmd, train_cmd
@@ -18,8 +19,15 @@ COMMANDS = (train_cmd, eval_cmd, leaderboard_cmd, data_cmd, episodes_cmd, info_c
 HEAVY = {"train", "eval", "episodes"}
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (no usage block), exit status 2, like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="fewshot-nsl",
         description="Few-shot learning with Neural Similarity Learning: train, evaluate on fixed episodes, compare.",
     )

@@ -33,6 +33,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
+from fewshot_nsl.data.class_split import ClassSplit
 from fewshot_nsl.data.dataset import ImageClassSet
 from fewshot_nsl.data.tensor_cache import cached, source_key
 from fewshot_nsl.errors import UserError
@@ -109,7 +110,7 @@ def _decode_one(data: torch.Tensor, path: Path, mode: ImageReadMode) -> torch.Te
     try:
         image = _decode_with_pil(path)
     except Exception as exc:  # PIL raises many types for broken files
-        raise UserError(f"cannot decode image {path}: {exc}") from None
+        raise UserError(f"cannot decode image {path} ({exc}); replace or delete the file, then run again") from None
     if mode == ImageReadMode.RGB and image.shape[0] == 1:
         image = image.expand(3, -1, -1).contiguous()
     return image
@@ -141,7 +142,7 @@ def _read_bytes(path: Path) -> torch.Tensor:
     try:
         return torch.from_numpy(np.fromfile(path, dtype=np.uint8))
     except OSError as exc:
-        raise UserError(f"cannot read image file {path}: {exc}") from None
+        raise UserError(f"cannot read image file {path} ({exc}); check its permissions, or delete it") from None
 
 
 def _decode_batch(chunk: Sequence[Path], mode: ImageReadMode) -> list[torch.Tensor]:
@@ -178,19 +179,31 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:60] or "folder"
 
 
-def list_image_folder(root: Path, split: str) -> tuple[tuple[str, ...], list[list[Path]]]:
-    """Class names (sorted) and each class's image files, or a ``UserError``."""
+def list_image_folder(
+    root: Path, split: str, class_split: ClassSplit | None = None
+) -> tuple[tuple[str, ...], list[list[Path]]]:
+    """Class names (sorted) and each class's image files, or a ``UserError``.
+
+    With ``class_split`` the classes are ``<root>/<class>`` and the split picks its share of them.
+    """
     if not root.is_dir():
         raise UserError(f"image folder {root} does not exist (expected <folder>/<split>/<class>/<image>)")
     split_dir = root / split
-    if not split_dir.is_dir():
+    if class_split is not None:
+        everything = visible_subfolders(root)
+        if not everything:
+            raise UserError(f"{root} has no class folders; --split-ratios expects <folder>/<class>/<image>")
+        chosen = set(class_split.classes([p.name for p in everything], split))
+        classes = [p for p in everything if p.name in chosen]
+    elif not split_dir.is_dir():
         available = [p.name for p in visible_subfolders(root)]
         raise UserError(
             f"image folder {root} has no {split!r} split ({split_dir} is missing); "
             f"it has {', '.join(repr(a) for a in available) if available else 'no sub-folders'}; "
-            f"expected <folder>/<split>/<class>/<image>"
+            f"expected <folder>/<split>/<class>/<image>, or <folder>/<class>/<image> with --split-ratios"
         )
-    classes = visible_subfolders(split_dir)
+    else:
+        classes = visible_subfolders(split_dir)
     if not classes:
         loose = image_files(split_dir)
         hint = f" ({len(loose)} images lie directly in it: put them in one folder per class)" if loose else ""
@@ -224,13 +237,17 @@ def _decode_folder(files: list[list[Path]], image_size: int) -> dict[str, torch.
     return {"images": out, "labels": labels}
 
 
-def load_image_folder(root: Path, split: str, cache_dir: Path, image_size: int) -> ImageClassSet:
-    """One split of ``<root>/<split>/<class>/<image>`` as an ``ImageClassSet`` (see the module docstring)."""
+def load_image_folder(
+    root: Path, split: str, cache_dir: Path, image_size: int, class_split: ClassSplit | None = None
+) -> ImageClassSet:
+    """One split of ``<root>/<split>/<class>/<image>`` (or of ``<root>/<class>/<image>`` cut by
+    ``class_split``) as an ``ImageClassSet`` (see the module docstring)."""
     root = Path(root)
-    class_names, files = list_image_folder(root, split)
+    class_names, files = list_image_folder(root, split, class_split)
     flat = [path for class_files in files for path in class_files]
     key = source_key(flat, image_size, CACHE_VERSION)
-    name = f"folder-{_safe(root.resolve().name)}-{_safe(split)}-{image_size}"
+    protocol = "" if class_split is None else f"/{class_split.protocol}"
+    name = f"folder-{_safe(root.resolve().name + protocol.replace('/', '-'))}-{_safe(split)}-{image_size}"
     tensors = cached(Path(cache_dir), name, key, lambda: _decode_folder(files, image_size))
     channels = tensors["images"].shape[1]
     return ImageClassSet(
@@ -239,5 +256,5 @@ def load_image_folder(root: Path, split: str, cache_dir: Path, image_size: int) 
         class_names=class_names,
         mean=(FOLDER_MEAN,) * channels,
         std=(FOLDER_STD,) * channels,
-        name=f"folder/{root.name}/{split}",
+        name=f"folder/{root.name}{protocol}/{split}",
     )

@@ -122,6 +122,22 @@ def _find_split(folder: Path, split: str) -> SplitListing | None:
     return None
 
 
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip", ".h5", ".hdf5", ".npz", ".7z", ".rar")
+
+
+def _unrecognised(folder: Path, split: str) -> str:
+    """What ``folder`` holds instead of a readable split, with a hint for archives."""
+    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir() if not p.name.startswith("."))
+    if not entries:
+        return "is empty"
+    shown = ", ".join(entries[:6]) + (f" and {len(entries) - 6} more" if len(entries) > 6 else "")
+    hint = f"holds {shown}: no {split}/ folder, no images/ with a {split}.csv, no pickle cache"
+    archives = [e for e in entries if e.lower().endswith(ARCHIVE_SUFFIXES)]
+    if archives:
+        hint += f" ({archives[0]} is an archive or array file, a format fewshot-nsl does not read: extract or convert it)"
+    return hint
+
+
 def list_split(folder: Path, split: str) -> SplitListing:
     """Find one split's files in either layout, or raise a ``UserError`` that says what was expected."""
     if split not in SPLITS:
@@ -129,7 +145,7 @@ def list_split(folder: Path, split: str) -> SplitListing:
     listing = _find_split(folder, split)
     if listing is not None:
         return listing
-    where = "does not exist" if not folder.is_dir() else f"has neither {split}/ nor images/ with a {split}.csv"
+    where = "does not exist" if not folder.is_dir() else _unrecognised(folder, split)
     raise UserError(
         f"Mini-ImageNet {split} split not found: {folder} {where}. Expected {folder}/{split}/<wnid>/*.jpg, or "
         f"{folder}/images/ plus {folder}/splits/ravi/{split}.csv (or {folder}/{split}.csv), or "

@@ -22,6 +22,8 @@ paper, and resized once with antialiasing; the resized characters are cached.
 from __future__ import annotations
 
 import csv
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +38,9 @@ from fewshot_nsl.errors import UserError
 SETS = ("background", "evaluation")
 PROTOCOL_SPLITS = {"vinyals": ("train", "val", "test", "trainval"), "lake": ("train", "test")}
 DRAWERS = 20
+REBUILD = "rebuild it with `fewshot-nsl data prepare omniglot`"
+# What numpy raises on a file that is not a complete npz archive.
+_ARCHIVE_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error)
 
 
 @dataclass(frozen=True)
@@ -47,14 +52,45 @@ class Character:
 
 
 def read_characters(folder: Path) -> list[Character]:
-    """The character table, in file order (background first, as written)."""
-    with open(folder / "characters.csv", newline="") as handle:
-        return [Character(r["set"], int(r["row"]), r["alphabet"], r["character"]) for r in csv.DictReader(handle)]
+    """The character table, in file order (background first, as written).
+
+    Raises ``UserError`` naming the line of a malformed row (the npz ``row``
+    ranges are checked once the archives are read, in ``load_omniglot``).
+    """
+    path = folder / "characters.csv"
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = {"set", "row", "alphabet", "character"} - set(reader.fieldnames or ())
+        if missing:
+            raise UserError(f"{path} lacks the column(s) {', '.join(sorted(missing))}; {REBUILD}")
+        characters = []
+        for line_no, row in enumerate(reader, start=2):
+            if row["set"] not in SETS or not (row["row"] or "").isdigit():
+                raise UserError(
+                    f"{path} line {line_no}: set must be one of {', '.join(SETS)} and row a non-negative integer, "
+                    f"got set={row['set']!r} row={row['row']!r}; {REBUILD}"
+                )
+            characters.append(Character(row["set"], int(row["row"]), row["alphabet"], row["character"]))
+    return characters
+
+
+def _read_paper(npz_path: Path) -> torch.Tensor:
+    """The ``images`` array of one archive, bool (characters, 20, H, W), or a ``UserError`` saying what is wrong."""
+    try:
+        with np.load(npz_path) as archive:
+            paper = archive["images"]
+    except _ARCHIVE_ERRORS as exc:
+        raise UserError(f"{npz_path} is not a readable Omniglot archive ({type(exc).__name__}: {exc}); {REBUILD}") from None
+    if paper.dtype != np.bool_ or paper.ndim != 4 or paper.shape[1] != DRAWERS:
+        raise UserError(
+            f"{npz_path}: images must be bool (characters, {DRAWERS}, height, width), "
+            f"got {paper.dtype} {tuple(paper.shape)}; {REBUILD}"
+        )
+    return torch.from_numpy(paper)
 
 
 def _resize_set(npz_path: Path, size: int) -> dict[str, torch.Tensor]:
-    with np.load(npz_path) as archive:
-        paper = torch.from_numpy(archive["images"])
+    paper = _read_paper(npz_path)
     chars, drawers, height, width = paper.shape
     ink = (~paper).reshape(-1, 1, height, width)
     resized = torch.cat(
@@ -96,6 +132,12 @@ def load_omniglot(data_root: Path, protocol: str, split: str, cache_dir: Path, i
     _require(folder)
     characters = read_characters(folder)
     sets = {name: load_set(folder, name, image_size, cache_dir) for name in SETS}
+    for character in characters:
+        if character.row >= len(sets[character.set]):
+            raise UserError(
+                f"{folder / 'characters.csv'} lists {character.alphabet}/{character.character} at row {character.row} "
+                f"of images_{character.set}.npz, which has {len(sets[character.set])} characters; {REBUILD}"
+            )
     if protocol == "lake":
         wanted = "background" if split == "train" else "evaluation"
         chosen = [(c, 0) for c in characters if c.set == wanted]

@@ -1,7 +1,8 @@
 """Dataset names → readers, and each dataset's standard evaluation protocol.
 
 ``--dataset`` is ``omniglot``, ``miniimagenet``, or a path to an image folder
-(``<folder>/<split>/<class>/<image>``).
+(``<folder>/<split>/<class>/<image>``, or ``<folder>/<class>/<image>`` split by
+class with ``--split-ratios``: protocol ``classes-...``, see ``class_split``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from fewshot_nsl.data.class_split import ClassSplit
 from fewshot_nsl.data.dataset import ImageClassSet
 from fewshot_nsl.data.image_folder import load_image_folder
 from fewshot_nsl.data.miniimagenet import load_miniimagenet
@@ -46,12 +48,13 @@ def dataset_spec(dataset: str) -> DatasetSpec:
 
 def resolve_protocol(dataset: str, protocol: str | None) -> str:
     """The protocol name, defaulting to the dataset's first (Omniglot: vinyals)."""
-    protocols = dataset_spec(dataset).protocols
+    spec = dataset_spec(dataset)
     if protocol is None:
-        return protocols[0]
-    if protocol not in protocols:
-        raise UserError(f"{dataset} has no protocol {protocol!r}; choose one of {', '.join(protocols)}")
-    return protocol
+        return spec.protocols[0]
+    if protocol in spec.protocols or (spec is FOLDER_SPEC and ClassSplit.from_protocol(protocol) is not None):
+        return protocol
+    hint = " (or a class split: --split-ratios)" if spec is FOLDER_SPEC else ""
+    raise UserError(f"{dataset} has no protocol {protocol!r}; choose one of {', '.join(spec.protocols)}{hint}")
 
 
 def load_split(
@@ -69,4 +72,4 @@ def load_split(
         return load_omniglot(data_root(root), protocol, split, cache_root(), size)
     if dataset == "miniimagenet":
         return load_miniimagenet(data_root(root), split, cache_root(), size)
-    return load_image_folder(Path(dataset).expanduser(), split, cache_root(), size)
+    return load_image_folder(Path(dataset).expanduser(), split, cache_root(), size, ClassSplit.from_protocol(protocol))

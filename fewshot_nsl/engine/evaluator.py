@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import subprocess
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,6 +24,7 @@ from fewshot_nsl.learners import FewShotLearner, build_learner, recipe_columns
 from fewshot_nsl.learners.base import EmbeddingLearner
 from fewshot_nsl.nsl import fold_static_nsl
 from fewshot_nsl.results import leaderboard
+from fewshot_nsl.results.provenance import provenance, source_state
 from fewshot_nsl.results.stats import Summary, confidence_interval
 from fewshot_nsl.runtime import memory_format, resolve_device
 
@@ -126,20 +126,6 @@ def select_manifest(request: EvalRequest, config: RunConfig, test_set: ImageClas
     return stored if stored is not None else draw(wanted, test_set)
 
 
-def source_state() -> tuple[str, bool | None]:
-    """The commit of the code that runs, and whether the tree has uncommitted changes to it."""
-    def git(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["git", *args], cwd=Path(fewshot_nsl.__file__).parent, capture_output=True, text=True, timeout=5)
-
-    try:
-        commit, status = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--untracked-files=no", ".")
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown", None
-    if commit.returncode != 0:
-        return "unknown", None
-    return commit.stdout.strip(), bool(status.stdout.strip())
-
-
 def for_inference(learner: FewShotLearner) -> FewShotLearner:
     """Static NSL folded into plain convolutions (zero inference overhead), unless
     the learner adapts its backbone per episode: MAML's inner loop updates M too,
@@ -172,6 +158,7 @@ def evaluate_run(request: EvalRequest) -> tuple[Summary, dict]:
         writer.writerows(enumerate(accuracies))
     similarity = resolve_similarity(config.backbone, config.similarity, config.nsl_form, config.nsl_hidden)
     commit, dirty = source_state()
+    train_sessions = train_summary.get("train_sessions")
     row = {
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "method": config.method, "backbone": config.backbone, "similarity": similarity.label,
@@ -181,7 +168,8 @@ def evaluate_run(request: EvalRequest) -> tuple[Summary, dict]:
         "manifest_hash": manifest.content_hash(), "parameters": parameters,
         "train_episodes": train_summary.get("iterations"), "train_seconds": train_summary.get("train_seconds"),
         "seed": config.seed, "version": fewshot_nsl.__version__, "git_commit": commit, "git_dirty": dirty,
-        "run_dir": str(request.run_dir), **recipe_columns(config),
+        "train_commits": " ".join(train_sessions) if train_sessions else None,
+        "provenance": provenance(dirty, train_sessions), "run_dir": str(request.run_dir), **recipe_columns(config),
     }  # fmt: skip
     leaderboard.append(request.leaderboard, row)
     return summary, row

@@ -38,6 +38,7 @@ from fewshot_nsl.episodes.manifest import Manifest, ManifestSpec, draw
 from fewshot_nsl.episodes.sampler import EpisodeSampler, check_task_fits
 from fewshot_nsl.errors import Interrupted, UserError
 from fewshot_nsl.learners import FewShotLearner, build_learner
+from fewshot_nsl.results.provenance import session_label
 from fewshot_nsl.runtime import memory_format, resolve_device, seeded
 
 LOG_EVERY = 50
@@ -88,6 +89,7 @@ class _Progress:
     window_loss: list[float] = field(default_factory=list)
     window_acc: list[float] = field(default_factory=list)
     skipped_nonfinite: int = 0
+    sessions: list[str] = field(default_factory=list)  # the code of each training session (start, resumes)
 
 
 @dataclass(frozen=True)
@@ -140,9 +142,12 @@ def _load_data(config: RunConfig) -> _Data:
     check_task_fits(train_set, config.ways, config.shots, config.queries)
     val_spec = ManifestSpec(
         config.dataset, protocol, "val", config.val_ways or spec.eval_ways, config.val_shots or config.shots,
-        spec.eval_queries, config.val_episodes, seed=config.seed,
+        config.val_queries or spec.eval_queries, config.val_episodes, seed=config.seed,
     )  # fmt: skip
-    return _Data(train_set, val_set, draw(val_spec, val_set) if val_set is not None else None)
+    if val_set is None:
+        return _Data(train_set, None, None)
+    check_task_fits(val_set, val_spec.ways, val_spec.shots, val_spec.queries, option_prefix="val-")
+    return _Data(train_set, val_set, draw(val_spec, val_set))
 
 
 def _run(config: RunConfig, run_dir: Path, data: _Data, state: dict | None, progress: bool) -> TrainResult:
@@ -172,6 +177,9 @@ def _run(config: RunConfig, run_dir: Path, data: _Data, state: dict | None, prog
             run_dir / LAST,
         )  # fmt: skip
 
+    code = session_label()
+    if not done.sessions or done.sessions[-1] != code:
+        done.sessions.append(code)
     started = time.perf_counter() - done.seconds
     fresh = state is None
     with open(run_dir / METRICS_FILE, "w" if fresh else "a", newline="") as handle, _StopSignals() as stop:
@@ -239,7 +247,8 @@ def _run(config: RunConfig, run_dir: Path, data: _Data, state: dict | None, prog
     write_summary(
         run_dir,
         {"iterations": config.episodes, "train_seconds": round(done.seconds, 1), "best_val_acc": done.best_acc,
-         "skipped_nonfinite": done.skipped_nonfinite, "parameters": parameter_count(learner), "device": str(device)},
+         "skipped_nonfinite": done.skipped_nonfinite, "parameters": parameter_count(learner), "device": str(device),
+         "train_sessions": done.sessions},
     )  # fmt: skip
     return TrainResult(run_dir, config.episodes, done.seconds, done.best_acc)
 

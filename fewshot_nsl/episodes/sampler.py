@@ -11,21 +11,26 @@ from fewshot_nsl.episodes.episode import Episode, EpisodeIndices, materialise
 from fewshot_nsl.errors import UserError
 
 
-def check_task_fits(dataset: ImageClassSet, ways: int, shots: int, queries: int) -> None:
-    """Refuse a task shape the split cannot supply, before any sampling."""
+def check_task_fits(dataset: ImageClassSet, ways: int, shots: int, queries: int, option_prefix: str = "") -> None:
+    """Refuse a task shape the split cannot supply, before any sampling.
+
+    ``option_prefix`` names the flags to change (``"val-"``: ``--val-ways``...).
+    """
     for name, value, low in (("ways", ways, 2), ("shots", shots, 1), ("queries", queries, 1)):
         if not isinstance(value, int) or value < low:
-            raise UserError(f"--{name} must be an integer >= {low}, got {value!r}")
+            raise UserError(f"--{option_prefix}{name} must be an integer >= {low}, got {value!r}")
     if ways > dataset.num_classes:
         raise UserError(
-            f"{ways}-way episodes need {ways} classes but {dataset.name} has {dataset.num_classes}; lower --ways"
+            f"{ways}-way episodes need {ways} classes but {dataset.name} has {dataset.num_classes}; "
+            f"lower --{option_prefix}ways"
         )
     sizes = dataset.class_sizes()
     eligible = int((sizes >= shots + queries).sum())
     if eligible < ways:
+        lower = f"--{option_prefix}shots/--{option_prefix}queries"
         raise UserError(
             f"{shots} shots + {queries} queries need {shots + queries} images per class, but only {eligible} "
-            f"classes of {dataset.name} have that many (smallest class: {int(sizes.min())}); lower --shots/--queries"
+            f"classes of {dataset.name} have that many (smallest class: {int(sizes.min())}); lower {lower}"
         )
 
 

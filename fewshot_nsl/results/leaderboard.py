@@ -20,11 +20,12 @@ import pandas as pd
 from filelock import FileLock
 
 from fewshot_nsl.errors import UserError
+from fewshot_nsl.results.provenance import DIRTY, UNVERIFIED
 
 COLUMNS = [
     "timestamp", "method", "backbone", "similarity", "dataset", "protocol", "ways", "shots", "queries",
     "episodes", "acc", "ci95", "manifest", "manifest_hash", "parameters", "train_episodes", "train_seconds",
-    "seed", "version", "git_commit", "git_dirty", "run_dir", "recipe", "config_hash", "train_ways", "train_shots",
+    "seed", "version", "git_commit", "git_dirty", "train_commits", "provenance", "run_dir", "recipe", "config_hash", "train_ways", "train_shots",
     "train_queries", "meta_batch", "lr_schedule", "train_on_val", "nsl_kind", "nsl_form", "nsl_hidden", "maml_head", "inner_steps", "eval_inner_steps", "inner_lr", "inner_loss", "maml_order",
     "maml_plus_plus",
 ]  # fmt: skip
@@ -49,7 +50,16 @@ def read(path: Path) -> pd.DataFrame:
             f"{path} row {int(broken[0]) + 2} has acc {frame['acc'].iloc[broken[0]]!r}, not a number in [0, 1]; "
             f"fix the file by hand (its last good version is {backup_path(path).name} if it exists)"
         )
-    return frame
+    return with_provenance(frame)
+
+
+def with_provenance(frame: pd.DataFrame) -> pd.DataFrame:
+    """Fill ``provenance`` for rows written before it existed: ``dirty`` where ``git_dirty`` says so, else
+    ``unverified`` (their training commit was not recorded), so no old row passes for a clean one."""
+    recorded = frame["provenance"] if "provenance" in frame else pd.Series(None, index=frame.index, dtype=object)
+    dirty = frame["git_dirty"].astype(str).str.lower() == "true" if "git_dirty" in frame else False
+    derived = pd.Series(UNVERIFIED, index=frame.index, dtype=object).where(~dirty, DIRTY)
+    return frame.assign(provenance=recorded.astype(object).fillna(derived))
 
 
 def backup_path(path: Path) -> Path:
@@ -96,8 +106,8 @@ def render(frame: pd.DataFrame, fmt: str, extra: Sequence[str] = ()) -> str:
     shown = frame.assign(
         **{"acc %": (100 * frame["acc"]).round(2), "± ci95": (100 * frame["ci95"]).round(2)}
     )[["rank", "dataset", "protocol", "ways", "shots", "method", "backbone", "similarity", "acc %", "± ci95",
-       "episodes", "parameters", "train_episodes", "seed", "recipe", *[c for c in extra if c != "recipe"],
-       "run_dir"]]  # fmt: skip
+       "episodes", "parameters", "train_episodes", "seed", "recipe", *[c for c in extra if c not in ("recipe", "provenance")],
+       "provenance", "run_dir"]]  # fmt: skip
     if fmt == "csv":
         return shown.to_csv(index=False)
     header = "| " + " | ".join(shown.columns) + " |"
