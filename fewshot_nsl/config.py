@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import yaml
 
+from fewshot_nsl.data.augment import Augmentation
 from fewshot_nsl.data.class_split import ClassSplit
 from fewshot_nsl.errors import UserError
 
@@ -66,6 +67,11 @@ class RunConfig:
     protocol: str | None = None
     split_ratios: str | None = None  # image folders of class folders: "train,val,test" fractions
     split_seed: int = 0
+    # training augmentation (fewshot_nsl.data.augment; off unless asked for, as in the papers' recipes)
+    augment: bool = False
+    augment_crop_scale: float = 0.08
+    augment_jitter: float = 0.4
+    augment_flip: bool = True
     image_size: int | None = None
     data_root: str | None = None
     # training task and budget
@@ -143,6 +149,8 @@ class RunConfig:
         }
         if maml and self.head == "learned":
             defaults["val_ways"] = self.ways  # a learned head scores exactly its training ways
+        if self.augment:
+            Augmentation(self.augment_crop_scale, self.augment_jitter, self.augment_flip)  # refuses bad settings now
         if self.split_ratios is not None:
             class_split = ClassSplit.parse(self.split_ratios, self.split_seed).protocol
             if self.protocol not in (None, class_split):

@@ -60,10 +60,11 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.real_data
 def test_killed_or_stopped_runs_resume_to_the_same_weights_bitwise(tmp_path: Path, env: dict) -> None:
-    reference = start(env, "runs/whole")
+    """With augmentation on, so its generator's state is proven to be saved and restored too."""
+    reference = start(env, "runs/whole", "--augment")
     assert reference.wait(timeout=300) == 0, reference.stderr.read()
 
-    killed = start(env, "runs/killed")
+    killed = start(env, "runs/killed", "--augment")
     wait_for_checkpoint(tmp_path / "runs/killed", killed, 10)
     killed.send_signal(signal.SIGKILL)
     killed.wait(timeout=60)
@@ -71,7 +72,7 @@ def test_killed_or_stopped_runs_resume_to_the_same_weights_bitwise(tmp_path: Pat
                              env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr
 
-    stopped = start(env, "runs/stopped")
+    stopped = start(env, "runs/stopped", "--augment")
     wait_for_checkpoint(tmp_path / "runs/stopped", stopped, 5)
     stopped.send_signal(signal.SIGTERM)
     assert stopped.wait(timeout=60) == 130

@@ -71,23 +71,25 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise UserError(f"{path} cannot be read as a checkpoint ({type(error).__name__}); retrain or restore it") from None
 
 
-def random_state(sampler_generator: torch.Generator) -> dict[str, Any]:
-    """Every random state a training run draws from, as tensors and plain values."""
+def random_state(generators: dict[str, torch.Generator]) -> dict[str, Any]:
+    """Every random state a training run draws from, as tensors and plain values: torch's, NumPy's and
+    Python's global ones and the run's named generators (``sampler``, ``augmentation``)."""
     kind, keys, position, has_gauss, gauss = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
         "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(gauss)],
         "python": random.getstate(),
-        "sampler": sampler_generator.get_state(),
+        **{name: generator.get_state() for name, generator in generators.items()},
     }
 
 
-def restore_random_state(state: dict[str, Any], sampler_generator: torch.Generator) -> None:
+def restore_random_state(state: dict[str, Any], generators: dict[str, torch.Generator]) -> None:
     torch.set_rng_state(state["torch"])
     kind, keys, position, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
     random.setstate(_tuples(state["python"]))
-    sampler_generator.set_state(state["sampler"])
+    for name, generator in generators.items():
+        generator.set_state(state[name])
 
 
 def _tuples(value: Any) -> Any:

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from fewshot_nsl.backbones import parameter_count
 from fewshot_nsl.config import RunConfig
+from fewshot_nsl.data.augment import Augmentation
 from fewshot_nsl.data.dataset import ImageClassSet, union
 from fewshot_nsl.data.registry import dataset_spec, load_split, resolve_protocol
 from fewshot_nsl.engine.checkpoint import (
@@ -159,21 +160,25 @@ def _run(config: RunConfig, run_dir: Path, data: _Data, state: dict | None, prog
     optimizer = torch.optim.Adam(learner.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = learning_rate_schedule(optimizer, config)
     sampler = EpisodeSampler(
-        data.train_set, config.ways, config.shots, config.queries, torch.Generator().manual_seed(config.seed)
-    )
+        data.train_set, config.ways, config.shots, config.queries, torch.Generator().manual_seed(config.seed),
+        *_augmentation(config),
+    )  # fmt: skip
+    generators = {"sampler": sampler.generator}
+    if sampler.augmentation_generator is not None:
+        generators["augmentation"] = sampler.augmentation_generator
     done = _Progress()
     if state is not None:
         learner.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-        restore_random_state(state["random"], sampler.generator)
+        restore_random_state(state["random"], generators)
         done = _Progress(**state["progress"])
         _truncate_metrics(run_dir / METRICS_FILE, done.iteration)
 
     def checkpoint() -> None:
         save_atomically(
             {"model": learner.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-             "random": random_state(sampler.generator), "progress": asdict(done), **checkpoint_metadata(config)},
+             "random": random_state(generators), "progress": asdict(done), **checkpoint_metadata(config)},
             run_dir / LAST,
         )  # fmt: skip
 
@@ -251,6 +256,15 @@ def _run(config: RunConfig, run_dir: Path, data: _Data, state: dict | None, prog
          "train_sessions": done.sessions},
     )  # fmt: skip
     return TrainResult(run_dir, config.episodes, done.seconds, done.best_acc)
+
+
+def _augmentation(config: RunConfig) -> tuple[Augmentation | None, torch.Generator | None]:
+    """The training augmentation and its own generator (seeded with ``seed + 1``, so turning augmentation
+    on leaves the sampler's episodes unchanged), or ``(None, None)``."""
+    if not config.augment:
+        return None, None
+    augmentation = Augmentation(config.augment_crop_scale, config.augment_jitter, config.augment_flip)
+    return augmentation, torch.Generator().manual_seed(config.seed + 1)
 
 
 def _truncate_metrics(path: Path, iteration: int) -> None:

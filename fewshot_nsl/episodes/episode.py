@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -68,14 +69,26 @@ def image_indices(dataset: ImageClassSet, indices: EpisodeIndices) -> tuple[torc
     return support, query
 
 
-def materialise(dataset: ImageClassSet, indices: EpisodeIndices) -> Episode:
-    """Gather the images an ``EpisodeIndices`` names and convert them to float."""
+def materialise(
+    dataset: ImageClassSet,
+    indices: EpisodeIndices,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Episode:
+    """Gather the images an ``EpisodeIndices`` names and convert them to float.
+
+    ``augment`` (training only) transforms the episode's uint8 images, support
+    and query in one call, before the conversion.
+    """
     support_idx, query_idx = image_indices(dataset, indices)
+    images = dataset.images[torch.cat([support_idx, query_idx])]
+    if augment is not None:
+        images = augment(images)
+    images = dataset.to_float(images)
     labels = torch.arange(indices.ways)
     return Episode(
-        support_images=dataset.to_float(dataset.images[support_idx]),
+        support_images=images[: support_idx.numel()],
         support_labels=labels.repeat_interleave(indices.shots),
-        query_images=dataset.to_float(dataset.images[query_idx]),
+        query_images=images[support_idx.numel() :],
         query_labels=labels.repeat_interleave(indices.queries),
         ways=indices.ways,
     )

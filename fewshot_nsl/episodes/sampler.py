@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import torch
 
+from fewshot_nsl.data.augment import Augmentation
 from fewshot_nsl.data.dataset import ImageClassSet
 from fewshot_nsl.episodes.episode import Episode, EpisodeIndices, materialise
 from fewshot_nsl.errors import UserError
@@ -43,11 +44,24 @@ class EpisodeSampler:
     random, which is the random remapping of dataset labels to ``0..N-1``.
     """
 
-    def __init__(self, dataset: ImageClassSet, ways: int, shots: int, queries: int, generator: torch.Generator):
+    def __init__(
+        self,
+        dataset: ImageClassSet,
+        ways: int,
+        shots: int,
+        queries: int,
+        generator: torch.Generator,
+        augmentation: Augmentation | None = None,
+        augmentation_generator: torch.Generator | None = None,
+    ):
         check_task_fits(dataset, ways, shots, queries)
+        if (augmentation is None) != (augmentation_generator is None):
+            raise ValueError("augmentation needs its own torch.Generator (augmentation_generator), and only then")
         self.dataset = dataset
         self.ways, self.shots, self.queries = ways, shots, queries
         self.generator = generator
+        self.augmentation = augmentation
+        self.augmentation_generator = augmentation_generator
         self._sizes = dataset.class_sizes()
         self._eligible = torch.nonzero(self._sizes >= shots + queries).flatten()
 
@@ -61,7 +75,13 @@ class EpisodeSampler:
         return EpisodeIndices(classes=classes, support=positions[:, : self.shots], query=positions[:, self.shots :])
 
     def sample(self) -> Episode:
-        return materialise(self.dataset, self.sample_indices())
+        """The next episode, augmented if the sampler has an augmentation (its draws come from its own
+        generator, so the episodes' classes and images are the same with or without it)."""
+        indices = self.sample_indices()
+        if self.augmentation is None:
+            return materialise(self.dataset, indices)
+        augmentation, generator = self.augmentation, self.augmentation_generator
+        return materialise(self.dataset, indices, lambda images: augmentation(images, generator))
 
     def __iter__(self) -> Iterator[Episode]:
         while True:

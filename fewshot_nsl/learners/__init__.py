@@ -9,6 +9,7 @@ import torch
 
 from fewshot_nsl.backbones import build_backbone, resolve_similarity
 from fewshot_nsl.config import RunConfig
+from fewshot_nsl.data.augment import Augmentation
 from fewshot_nsl.learners.base import BatchResult, FewShotLearner
 from fewshot_nsl.learners.maml import MAML, MAMLPlusPlus
 from fewshot_nsl.learners.protonet import ProtoNet
@@ -39,10 +40,12 @@ def recipe_columns(config: RunConfig) -> dict[str, object]:
         "nsl_kind": config.similarity or ("static" if config.backbone.startswith("nsl-") else "conv"),
         "nsl_form": config.nsl_form if config.backbone.startswith("nsl-") else None,
         "nsl_hidden": config.nsl_hidden if config.similarity == "dynamic" else None,
+        "augmentation": augmentation_label(config),
         "config_hash": recipe_hash(config),
     }  # fmt: skip
     label = f"{config.ways}w{config.shots}s{config.queries}q mb{config.meta_batch} {config.episodes}it"
     label += " train+val" if config.train_on_val else ""
+    label += f" aug:{columns['augmentation']}" if config.augment else ""
     if config.method == "maml":
         order = "first" if config.first_order else "second"
         switches = list(maml_plus_plus(config).enabled()) + (["ca"] if config.lr_schedule == "cosine" else [])
@@ -58,12 +61,25 @@ def recipe_columns(config: RunConfig) -> dict[str, object]:
     return columns | {"recipe": label}
 
 
+def augmentation_label(config: RunConfig) -> str:
+    """``none``, or the augmentation's settings, e.g. ``rrc0.08-flip-jitter0.4``."""
+    if not config.augment:
+        return "none"
+    return Augmentation(config.augment_crop_scale, config.augment_jitter, config.augment_flip).label
+
+
 NOT_RECIPE = ("seed", "run_dir", "data_root", "device", "val_every", "val_episodes", "checkpoint_every")
+# Fields added after config hashes were first recorded: left out while at their defaults, so a recipe
+# that does not use them keeps the hash it had (augmentation settings count only with augment on).
+LATER_FIELDS = {"split_ratios": None, "split_seed": 0, "val_queries": None, "augment": False}
+AUGMENT_SETTINGS = ("augment_crop_scale", "augment_jitter", "augment_flip")
 
 
 def recipe_hash(config: RunConfig) -> str:
     """A short fingerprint of everything in a resolved config that changes what is trained."""
-    fields = {key: value for key, value in sorted(config.to_dict().items()) if key not in NOT_RECIPE}
+    omitted = set(NOT_RECIPE) | {key for key, default in LATER_FIELDS.items() if getattr(config, key) == default}
+    omitted |= set(AUGMENT_SETTINGS) if not config.augment else set()
+    fields = {key: value for key, value in sorted(config.to_dict().items()) if key not in omitted}
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
