@@ -146,7 +146,7 @@ def test_cache_is_used_and_invalidated(tmp_path, cache_dir, monkeypatch):
 
 
 def test_clear_errors(tmp_path, cache_dir):
-    with pytest.raises(UserError, match="cannot be downloaded by script"):
+    with pytest.raises(UserError, match=r"Run `fewshot-nsl data prepare miniimagenet` \(downloads the pickle caches\)"):
         load_miniimagenet(tmp_path, "test", cache_dir)
     with pytest.raises(UserError, match="no 'dev' split"):
         load_miniimagenet(tmp_path, "dev", cache_dir)
