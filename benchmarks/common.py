@@ -47,6 +47,34 @@ def machine() -> dict[str, object]:
     }
 
 
+# Fixed thresholds make glibc map every large tensor when allocated and return it when freed (they also
+# switch off its adaptive thresholds), so a process's peak RSS counts what it holds at once.
+GLIBC_RETURNS_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+PEAK_RSS_RESETTABLE = Path("/proc/self/clear_refs").exists()  # Linux
+
+
+def memory_probe_environment() -> dict[str, str]:
+    """Environment for a child process that measures memory: freed memory is returned at once.
+    GLIBC_TUNABLES (the fast setting that keeps freed buffers) would override the thresholds."""
+    return {**{k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}, **GLIBC_RETURNS_FREED_MEMORY}
+
+
+def proc_status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024  # reported in kB
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def peak_rss_growth(work: Callable[[], object]) -> int:
+    """Bytes by which ``work`` raises this process's peak resident memory above its current one
+    (run it once before, untimed, so one-off allocations are not counted)."""
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    before = proc_status_bytes("VmRSS")
+    work()
+    return proc_status_bytes("VmHWM") - before
+
+
 def provenance(allow_dirty: bool) -> dict[str, object]:
     """The commit results come from; a tree with uncommitted changes is refused unless allowed (and then marked)."""
     def git(*args: str) -> str:

@@ -60,7 +60,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import provenance  # noqa: E402
+from benchmarks.common import PEAK_RSS_RESETTABLE, memory_probe_environment, peak_rss_growth, provenance  # noqa: E402
 from fewshot_nsl.backbones import build_backbone  # noqa: E402
 from fewshot_nsl.episodes.episode import Episode  # noqa: E402
 from fewshot_nsl.learners.maml import MAML  # noqa: E402
@@ -71,8 +71,6 @@ MEMORY_SETTINGS = ("omniglot-5w1s", "omniglot-20w1s")
 MODES = ("vectorised", "sequential")
 ORDERS = ("second", "first")
 RESULTS = Path(__file__).resolve().parent / "results"
-# Fixed thresholds also switch off glibc's adaptive ones (see the module docstring).
-GLIBC_RETURNS_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
 @dataclass(frozen=True)
@@ -228,7 +226,7 @@ def memory_bytes(setting: Setting, mode: str, meta_batch: int, device: torch.dev
     """Peak memory growth of one second-order meta-batch (see the module docstring for the method)."""
     if device.type == "cuda":
         return cuda_peak_bytes(replace(setting, meta_batch=meta_batch), mode, device, seed)
-    if not Path("/proc/self/clear_refs").exists():
+    if not PEAK_RSS_RESETTABLE:
         return None
     probe = {"setting": asdict(replace(setting, meta_batch=meta_batch)), "mode": mode, "seed": seed,
              "threads": torch.get_num_threads()}  # fmt: skip
@@ -237,8 +235,7 @@ def memory_bytes(setting: Setting, mode: str, meta_batch: int, device: torch.dev
         capture_output=True,
         text=True,
         check=True,
-        # GLIBC_TUNABLES (the fast setting that keeps freed buffers) would override the thresholds.
-        env={**{k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}, **GLIBC_RETURNS_FREED_MEMORY},
+        env=memory_probe_environment(),
     )
     return json.loads(done.stdout.strip().splitlines()[-1])["bytes"]
 
@@ -264,17 +261,7 @@ def probe_cpu_memory(probe: dict) -> int:
     learner.vectorise = probe["mode"] == "vectorised"
     episodes = random_episodes(setting, device, probe["seed"] + 1)
     meta_batch_seconds(learner, episodes, device)  # warm-up
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-    before = proc_status_bytes("VmRSS")
-    meta_batch_seconds(learner, episodes, device)
-    return proc_status_bytes("VmHWM") - before
-
-
-def proc_status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024  # reported in kB
-    raise RuntimeError(f"/proc/self/status has no {field}")
+    return peak_rss_growth(lambda: meta_batch_seconds(learner, episodes, device))
 
 
 # ----- report --------------------------------------------------------------------------

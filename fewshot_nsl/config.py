@@ -114,6 +114,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"
     channels_last: bool | None = None
+    amp: bool = False  # bfloat16 autocast in training (weights, optimiser and evaluation stay float32)
     run_dir: str | None = None
 
     @classmethod

@@ -201,7 +201,8 @@ def _run(config: RunConfig, run_dir: Path, data: _Data, state: dict | None, prog
             learner.set_iteration(iteration - 1)
             batch = [sampler.sample().to(device, layout) for _ in range(config.meta_batch)]
             optimizer.zero_grad(set_to_none=True)
-            result = learner.backward_batch(batch)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp):
+                result = learner.backward_batch(batch)
             penalty = regularisation(learner)
             if isinstance(penalty, torch.Tensor) and penalty.requires_grad:  # e.g. full static NSL's pull toward I
                 penalty.backward()

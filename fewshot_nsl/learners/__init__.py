@@ -46,6 +46,7 @@ def recipe_columns(config: RunConfig) -> dict[str, object]:
     label = f"{config.ways}w{config.shots}s{config.queries}q mb{config.meta_batch} {config.episodes}it"
     label += " train+val" if config.train_on_val else ""
     label += f" aug:{columns['augmentation']}" if config.augment else ""
+    label += " amp-bf16" if config.amp else ""
     if config.method == "maml":
         order = "first" if config.first_order else "second"
         switches = list(maml_plus_plus(config).enabled()) + (["ca"] if config.lr_schedule == "cosine" else [])
@@ -71,7 +72,7 @@ def augmentation_label(config: RunConfig) -> str:
 NOT_RECIPE = ("seed", "run_dir", "data_root", "device", "val_every", "val_episodes", "checkpoint_every")
 # Fields added after config hashes were first recorded: left out while at their defaults, so a recipe
 # that does not use them keeps the hash it had (augmentation settings count only with augment on).
-LATER_FIELDS = {"split_ratios": None, "split_seed": 0, "val_queries": None, "augment": False}
+LATER_FIELDS = {"split_ratios": None, "split_seed": 0, "val_queries": None, "augment": False, "amp": False}
 AUGMENT_SETTINGS = ("augment_crop_scale", "augment_jitter", "augment_flip")
 
 
