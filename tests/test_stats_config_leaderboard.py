@@ -174,3 +174,8 @@ def test_old_rows_are_marked_unverified_or_dirty_and_the_mark_is_written_back(tm
     on_disk = pd.read_csv(path)
     assert on_disk["provenance"].tolist() == ["unverified", "dirty", "unverified", "clean"]
     assert "provenance" in leaderboard.render(leaderboard.ranked(leaderboard.read(path)), "csv").splitlines()[0]
+
+    old.to_csv(path, index=False)
+    leaderboard.mark_provenance(path)  # without a new row
+    assert pd.read_csv(path)["provenance"].tolist() == ["unverified", "dirty", "unverified"]
+    assert "provenance" not in pd.read_csv(leaderboard.backup_path(path)).columns

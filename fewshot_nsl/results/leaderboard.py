@@ -73,17 +73,30 @@ def append(path: Path, row: dict[str, Any]) -> pd.DataFrame:
         frame = read(path)
         new = pd.DataFrame([{column: row.get(column) for column in COLUMNS} | row])
         combined = new if frame.empty else pd.concat([frame, new], ignore_index=True)
-        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(handle)
-        try:
-            combined.to_csv(tmp, index=False)
-            if path.exists():
-                shutil.copy2(path, backup_path(path))  # the version before this rewrite
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        _replace(path, combined)
     return combined
+
+
+def mark_provenance(path: Path) -> pd.DataFrame:
+    """Write the ``provenance`` column into a leaderboard whose rows predate it (see ``with_provenance``)."""
+    with FileLock(str(path) + ".lock"):
+        frame = read(path)
+        _replace(path, frame)
+    return frame
+
+
+def _replace(path: Path, frame: pd.DataFrame) -> None:
+    """Atomically replace ``path`` by ``frame``, keeping the previous version as the backup."""
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        frame.to_csv(tmp, index=False)
+        if path.exists():
+            shutil.copy2(path, backup_path(path))  # the version before this rewrite
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def ranked(frame: pd.DataFrame, where: dict[str, str] | None = None, group_by: Sequence[str] = ()) -> pd.DataFrame:
