@@ -4,6 +4,7 @@ reference, folding, gradients (incl. double backward), and torch.func use."""
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Iterator
 
@@ -178,6 +179,83 @@ def test_dynamic_matches_brute_force(form, path, stride, padding, monkeypatch):
     sim = layer.similarity(x)
     expected = brute_force(x, layer.weight, m9_from_similarity(sim, form), stride, padding, layer.bias)
     torch.testing.assert_close(layer(x), expected, atol=1e-10, rtol=1e-10)
+
+
+def meta_network_by_loops(layer: DynamicNSLConv2d, x: torch.Tensor, training: bool) -> torch.Tensor:
+    """M(x) from the definition, one scalar at a time (float64), sharing no code with ``similarity``:
+
+    h[o,p] = sum_{c,u,v} Wm[o,c,u,v] x[c, p*s+(u,v)] / sqrt(sum_{c,u,v} x[c, p*s+(u,v)]**2 + eps)
+    (zero padding), BatchNorm over (batch, positions) with the biased variance in training and
+    the running statistics in eval, ReLU, g[t,p] = b[t] + sum_{o,u,v} Wout[t,o,u,v] relu(h)[o, p+(u,v)-1]
+    (3x3, zero padding 1), and M = 1 + g (diagonal) or I + g reshaped k*k x k*k (full).
+    """
+    batch, channels, height, width = x.shape
+    k, s, pad, eps = layer.kernel_size, layer.stride, layer.padding, layer.energy_eps
+    hidden, outputs = layer.hidden, layer.meta_out.out_channels
+    out_h, out_w = (height + 2 * pad - k) // s + 1, (width + 2 * pad - k) // s + 1
+    wm, wo, bo = layer.meta_conv.weight.tolist(), layer.meta_out.weight.tolist(), layer.meta_out.bias.tolist()
+    pixels = x.tolist()
+
+    def pixel(b, c, i, j):
+        return pixels[b][c][i][j] if 0 <= i < height and 0 <= j < width else 0.0
+
+    h = [[[[0.0] * out_w for _ in range(out_h)] for _ in range(hidden)] for _ in range(batch)]
+    for b in range(batch):
+        for i in range(out_h):
+            for j in range(out_w):
+                taps = [(c, i * s + u - pad, j * s + v - pad, u, v) for c in range(channels) for u in range(k) for v in range(k)]
+                energy = sum(pixel(b, c, a, d) ** 2 for c, a, d, _, _ in taps)
+                for o in range(hidden):
+                    h[b][o][i][j] = sum(wm[o][c][u][v] * pixel(b, c, a, d) for c, a, d, u, v in taps) / math.sqrt(energy + eps)
+    bn = layer.meta_bn
+    gamma, beta = bn.weight.tolist(), bn.bias.tolist()
+    for o in range(hidden):
+        values = [h[b][o][i][j] for b in range(batch) for i in range(out_h) for j in range(out_w)]
+        if training:
+            mean = sum(values) / len(values)
+            variance = sum((v - mean) ** 2 for v in values) / len(values)
+        else:
+            mean, variance = float(bn.running_mean[o]), float(bn.running_var[o])
+        scale, shift = gamma[o] / math.sqrt(variance + bn.eps), beta[o]
+        for b in range(batch):
+            for i in range(out_h):
+                for j in range(out_w):
+                    h[b][o][i][j] = max(0.0, (h[b][o][i][j] - mean) * scale + shift)
+    g = torch.zeros(batch, outputs, out_h, out_w, dtype=torch.float64)
+    for b in range(batch):
+        for t in range(outputs):
+            for i in range(out_h):
+                for j in range(out_w):
+                    g[b, t, i, j] = bo[t] + sum(
+                        wo[t][o][u][v] * h[b][o][i + u - 1][j + v - 1]
+                        for o in range(hidden) for u in range(3) for v in range(3)
+                        if 0 <= i + u - 1 < out_h and 0 <= j + v - 1 < out_w
+                    )  # fmt: skip
+    if layer.form == "diagonal":
+        return g + 1.0
+    return g.unflatten(1, (k * k, k * k)) + torch.eye(k * k, dtype=torch.float64)[:, :, None, None]
+
+
+@pytest.mark.parametrize("channels", [2, 5])  # diagonal: planes path up to 4 input channels, patch path above
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("stride,padding", [(1, 1), (2, 0)])
+def test_meta_network_matches_its_definition_computed_by_loops(channels, form, training, stride, padding):
+    torch.manual_seed(17)
+    layer = DynamicNSLConv2d(channels, 3, stride=stride, padding=padding, form=form, hidden=3).double()
+    randomise_meta(layer)
+    with torch.no_grad():  # non-trivial BatchNorm affine and running statistics
+        layer.meta_bn.weight.uniform_(0.5, 1.5)
+        layer.meta_bn.bias.normal_(0.0, 0.3)
+        layer.meta_bn.running_mean.normal_(0.0, 0.2)
+        layer.meta_bn.running_var.uniform_(0.5, 2.0)
+    layer.train(training)
+    x = torch.randn(2, channels, 5, 6, dtype=torch.float64)
+    expected = meta_network_by_loops(layer, x, training)
+    torch.testing.assert_close(layer.similarity(x), expected, atol=1e-10, rtol=1e-10)
+    # and the layer's output is the NSL score under that independently computed M
+    m9 = m9_from_similarity(expected, form)
+    torch.testing.assert_close(layer(x), brute_force(x, layer.weight, m9, stride, padding), atol=1e-10, rtol=1e-10)
 
 
 @pytest.mark.parametrize("form,path", DYNAMIC_PATHS)
