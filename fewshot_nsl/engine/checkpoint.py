@@ -25,7 +25,7 @@ import torch
 import yaml
 
 import fewshot_nsl
-from fewshot_nsl.config import RunConfig, save_config
+from fewshot_nsl.config import LEGACY_VALUES, RunConfig, save_config
 from fewshot_nsl.errors import UserError
 
 CONFIG_FILE = "config.yaml"
@@ -33,7 +33,7 @@ SUMMARY_FILE = "train_summary.json"
 METRICS_FILE = "metrics.csv"
 BEST, LAST = "best.pt", "last.pt"
 # Config keys that decide the model's parameters: a checkpoint and config.yaml must agree on them.
-MODEL_KEYS = ("method", "backbone", "similarity", "nsl_form", "nsl_hidden", "width", "plain_stem", "distance",
+MODEL_KEYS = ("method", "backbone", "similarity", "nsl_form", "nsl_hidden", "width", "plain_stem", "conv4_downsample", "distance",
               "head", "ways", "meta_sgd", "lslr", "per_step_bn", "inner_steps")  # fmt: skip
 
 
@@ -128,7 +128,8 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
 def read_config(run_dir: Path) -> RunConfig:
     if not (run_dir / CONFIG_FILE).exists():
         raise UserError(f"{run_dir} has no {CONFIG_FILE}; train into it first with `fewshot-nsl train --run-dir {run_dir}`")
-    return RunConfig().updated(yaml.safe_load((run_dir / CONFIG_FILE).read_text()) or {})
+    saved = yaml.safe_load((run_dir / CONFIG_FILE).read_text()) or {}
+    return RunConfig().updated({**LEGACY_VALUES, **saved})
 
 
 def load_run(run_dir: Path, which: str = "best") -> tuple[RunConfig, dict[str, torch.Tensor], dict[str, Any]]:

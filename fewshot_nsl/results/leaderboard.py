@@ -26,7 +26,7 @@ COLUMNS = [
     "timestamp", "method", "backbone", "similarity", "dataset", "protocol", "ways", "shots", "queries",
     "episodes", "acc", "ci95", "manifest", "manifest_hash", "parameters", "train_episodes", "train_seconds",
     "seed", "version", "git_commit", "git_dirty", "train_commits", "provenance", "run_dir", "recipe", "config_hash", "train_ways", "train_shots",
-    "train_queries", "meta_batch", "lr_schedule", "train_on_val", "augmentation", "nsl_kind", "nsl_form", "nsl_hidden", "maml_head", "inner_steps", "eval_inner_steps", "inner_lr", "inner_loss", "maml_order",
+    "train_queries", "meta_batch", "lr_schedule", "train_on_val", "augmentation", "conv4_downsample", "nsl_kind", "nsl_form", "nsl_hidden", "maml_head", "maml_head_init", "inner_steps", "eval_inner_steps", "inner_lr", "inner_loss", "maml_order",
     "maml_plus_plus",
 ]  # fmt: skip
 RANK_KEYS = ["dataset", "protocol", "ways", "shots"]
