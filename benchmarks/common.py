@@ -75,10 +75,10 @@ def peak_rss_growth(work: Callable[[], object]) -> int:
     return proc_status_bytes("VmHWM") - before
 
 
-def provenance(allow_dirty: bool) -> dict[str, object]:
+def provenance(allow_dirty: bool, repo: Path = REPO) -> dict[str, object]:
     """The commit results come from; a tree with uncommitted changes is refused unless allowed (and then marked)."""
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
 
     commit = git("rev-parse", "--short", "HEAD")
     dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", "fewshot_nsl", "benchmarks", "configs"))
@@ -91,11 +91,13 @@ def add_allow_dirty(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-dirty", action="store_true", help="write results from uncommitted code (marked so)")
 
 
-def write_results(name: str, payload: dict, markdown: str, origin: dict[str, object]) -> None:
+def write_results(
+    name: str, payload: dict, markdown: str, origin: dict[str, object], results_dir: Path = RESULTS
+) -> None:
     """The JSON and markdown results of a script, both naming the commit (and a dirty tree) they come from."""
-    RESULTS.mkdir(exist_ok=True)
+    results_dir.mkdir(exist_ok=True)
     stamp = f"Code: commit {origin['commit']}" + (" with UNCOMMITTED changes (--allow-dirty)" if origin["dirty"] else "")
     markdown = markdown.rstrip("\n") + f"\n\n{stamp}.\n"
-    (RESULTS / f"{name}.json").write_text(json.dumps({"provenance": origin, **payload}, indent=2))
-    (RESULTS / f"{name}.md").write_text(markdown)
+    (results_dir / f"{name}.json").write_text(json.dumps({"provenance": origin, **payload}, indent=2))
+    (results_dir / f"{name}.md").write_text(markdown)
     print(markdown)
