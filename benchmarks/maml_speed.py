@@ -32,10 +32,11 @@ elsewhere CPU memory is reported as unavailable.
 
 Inputs are random tensors (this measures speed, not accuracy). Settings
 follow Finn et al. 2017 (``fewshot_nsl.config.maml_recipe``), learned head:
-Omniglot 5-way 1-shot, Conv-4 with 64 filters, meta-batch 32, 1 inner step,
-1 query per class; Omniglot 20-way 1-shot, meta-batch 16, 5 inner steps, 1
-query per class; Mini-ImageNet 5-way 1-shot, Conv-4 with 32 filters,
-meta-batch 4, 5 inner steps, 15 queries per class.
+Omniglot 5-way 1-shot, Finn et al.'s strided Conv-4 with 64 filters, meta-batch
+32, 1 inner step, 1 query per class; Omniglot 20-way 1-shot, the same network,
+meta-batch 16, 5 inner steps, 1 query per class; Mini-ImageNet 5-way 1-shot,
+max-pooling Conv-4 with 32 filters, meta-batch 4, 5 inner steps, 15 queries per
+class.
 
     python benchmarks/maml_speed.py              # full run (minutes on CPU)
     python benchmarks/maml_speed.py --quick      # smoke run of every code path
@@ -85,14 +86,18 @@ class Setting:
     meta_batch: int
     inner_steps: int
     inner_lr: float
+    downsample: str  # Conv-4 network: Finn et al.'s strided Omniglot one, max-pooling on Mini-ImageNet
 
 
 SETTINGS = {
     s.name: s
     for s in (
-        Setting("omniglot-5w1s", (1, 28, 28), width=64, ways=5, queries=1, meta_batch=32, inner_steps=1, inner_lr=0.4),
-        Setting("omniglot-20w1s", (1, 28, 28), width=64, ways=20, queries=1, meta_batch=16, inner_steps=5, inner_lr=0.1),
-        Setting("miniimagenet-5w1s", (3, 84, 84), width=32, ways=5, queries=15, meta_batch=4, inner_steps=5, inner_lr=0.01),
+        Setting("omniglot-5w1s", (1, 28, 28), width=64, ways=5, queries=1, meta_batch=32, inner_steps=1, inner_lr=0.4,
+                downsample="stride"),
+        Setting("omniglot-20w1s", (1, 28, 28), width=64, ways=20, queries=1, meta_batch=16, inner_steps=5, inner_lr=0.1,
+                downsample="stride"),
+        Setting("miniimagenet-5w1s", (3, 84, 84), width=32, ways=5, queries=15, meta_batch=4, inner_steps=5, inner_lr=0.01,
+                downsample="maxpool"),
     )
 }
 
@@ -117,7 +122,7 @@ def redraw_(module: nn.Module, generator: torch.Generator) -> nn.Module:
 
 def build(setting: Setting, first_order: bool, device: torch.device, seed: int) -> MAML:
     generator = torch.Generator().manual_seed(seed)
-    backbone = build_backbone("conv4", setting.image_shape, width=setting.width)
+    backbone = build_backbone("conv4", setting.image_shape, width=setting.width, conv4_downsample=setting.downsample)
     redraw_(backbone, generator)
     learner = MAML(
         backbone, inner_lr=setting.inner_lr, inner_steps=setting.inner_steps, first_order=first_order,

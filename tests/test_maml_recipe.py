@@ -94,7 +94,12 @@ def test_leaderboard_recipe_tells_maml_variants_apart() -> None:
         RunConfig(method="maml", ways=5, shots=1, inner_loss="tf-sum").resolve(),
     ]
     labels = [recipe_columns(c)["recipe"] for c in variants]
-    assert len(set(labels)) == len(labels), labels
+    readable = [label.rsplit(" [", 1)[0] for label in labels]  # without the config hash
+    assert len(set(readable)) == len(readable), readable
+    # what the readable part leaves out (here the meta learning rate) is told apart by the hash
+    other_lr = recipe_columns(RunConfig(method="maml", ways=5, shots=1, lr=5e-4).resolve())["recipe"]
+    assert other_lr.rsplit(" [", 1)[0] == readable[0] and other_lr != labels[0]
+    assert labels[0].endswith(f"[{recipe_columns(base)['config_hash']}]")
     columns = recipe_columns(base)
     assert (columns["maml_head"], columns["inner_steps"], columns["eval_inner_steps"], columns["inner_lr"],
             columns["maml_order"], columns["meta_batch"]) == ("learned", 1, 3, 0.4, "second", 32)  # fmt: skip

@@ -29,10 +29,11 @@ def maml_plus_plus(config: RunConfig) -> MAMLPlusPlus:
 def recipe_columns(config: RunConfig) -> dict[str, object]:
     """What tells two trainings apart beyond method and backbone: the leaderboard records all of it.
 
-    ``recipe`` is a readable summary, e.g. ``5w1s1q mb32 6000it learned-head 1/3 steps a=0.4 mean-loss
-    second-order`` (``train+val``, MAML++ switches and ``ca`` for a cosine meta learning rate appended
-    when used); ``config_hash`` fingerprints every recipe field (all but seed, paths and device), so no
-    two different recipes share it.
+    ``recipe`` is a readable summary, e.g. ``5w1s1q mb32 6000it strided-conv4 learned-head(normal) 1/3
+    steps a=0.4 mean-loss second-order [e27e8bfc32db]`` (``train+val``, augmentation, MAML++ switches and
+    ``ca`` for a cosine meta learning rate appended when used), ending with ``config_hash``, which
+    fingerprints every recipe field (all but seed, paths and device), so no two different recipes share
+    a label.
     """
     columns: dict[str, object] = {
         "train_ways": config.ways, "train_shots": config.shots, "train_queries": config.queries,
@@ -63,7 +64,9 @@ def recipe_columns(config: RunConfig) -> dict[str, object]:
         label += f" {config.inner_loss}-loss {order}-order"
         label += "".join(f" {flag}" for flag, on in (("meta-sgd", config.meta_sgd), ("anil", config.anil)) if on)
         label += f" maml++:{'+'.join(switches)}" if switches else ""
-    return columns | {"recipe": label}
+    # The hash settles what the readable part leaves out (learning rate, schedule, NSL width ...):
+    # two different recipes never share a label.
+    return columns | {"recipe": f"{label} [{columns['config_hash']}]"}
 
 
 def augmentation_label(config: RunConfig) -> str:
