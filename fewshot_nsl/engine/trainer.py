@@ -178,7 +178,7 @@ def _run(config: RunConfig, run_dir: Path, data: _Data, state: dict | None, prog
     def checkpoint() -> None:
         save_atomically(
             {"model": learner.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-             "random": random_state(generators), "progress": asdict(done), **checkpoint_metadata(config)},
+             "random": random_state(generators), "progress": asdict(done), **checkpoint_metadata(config, data.train_set.image_shape)},
             run_dir / LAST,
         )  # fmt: skip
 
@@ -236,7 +236,7 @@ def _run(config: RunConfig, run_dir: Path, data: _Data, state: dict | None, prog
                 if done.best_acc is None or summary.mean > done.best_acc:
                     done.best_acc = summary.mean
                     save_atomically({"model": learner.state_dict(), "iteration": iteration, "val_acc": done.best_acc,
-                                     **checkpoint_metadata(config)}, run_dir / BEST)  # fmt: skip
+                                     **checkpoint_metadata(config, data.train_set.image_shape)}, run_dir / BEST)  # fmt: skip
                 bar.write(f"iteration {iteration}: val {summary}" + (" (best)" if done.best_acc == summary.mean else ""))
             done.seconds = time.perf_counter() - started
             if iteration % config.checkpoint_every == 0 or iteration == config.episodes:
@@ -249,7 +249,7 @@ def _run(config: RunConfig, run_dir: Path, data: _Data, state: dict | None, prog
                 )
     if data.val_manifest is None:
         save_atomically({"model": learner.state_dict(), "iteration": config.episodes, "val_acc": None,
-                         **checkpoint_metadata(config)}, run_dir / BEST)  # fmt: skip
+                         **checkpoint_metadata(config, data.train_set.image_shape)}, run_dir / BEST)  # fmt: skip
     write_summary(
         run_dir,
         {"iterations": config.episodes, "train_seconds": round(done.seconds, 1), "best_val_acc": done.best_acc,
