@@ -592,15 +592,17 @@ def _batch_norm(
     if running_mean is not None or running_var is not None or not training:
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     dims = [0, *range(2, input.dim())]
-    mean = input.mean(dims, keepdim=True)
-    variance = input.var(dims, correction=0, keepdim=True)
-    out = (input - mean) * torch.rsqrt(variance + eps)
+    variance, mean = torch.var_mean(input, dims, correction=0, keepdim=True)  # one pass over the activations
+    # Fold the normalisation and the affine map into one per-channel scale and shift (small tensors),
+    # so the activation-sized work is a single multiply-add.
     channels = [1, -1] + [1] * (input.dim() - 2)
+    scale = torch.rsqrt(variance + eps)
     if weight is not None:
-        out = out * weight.view(channels)
+        scale = scale * weight.view(channels)
+    shift = -mean * scale
     if bias is not None:
-        out = out + bias.view(channels)
-    return out
+        shift = shift + bias.view(channels)
+    return torch.addcmul(shift, input, scale)
 
 
 def _rate_key(name: str) -> str:
