@@ -7,7 +7,8 @@
     run.learner.fit(support, torch.tensor([0, 1]), ways=2)
     probabilities = run.learner(run.images(["query.jpg"])).softmax(-1)
 
-``load_trained`` rebuilds the model the run's config describes, loads the checkpoint (refusing
+``ways`` is any number for ProtoNet; a MAML learner with a learned head scores exactly the ways
+it was trained with. ``load_trained`` rebuilds the model the run's config describes, loads the checkpoint (refusing
 one trained as another model, and anything but plain weights), and folds static NSL into plain
 convolutions for learners that do not adapt their backbone, as ``fewshot-nsl eval`` does.
 """
@@ -48,8 +49,10 @@ def load_trained(run_dir: str | os.PathLike, checkpoint: str = "best", device: s
     """The learner of a finished run directory (``checkpoint``: ``best`` or ``last``), ready to score."""
     record = load_run(Path(run_dir).expanduser(), checkpoint)
     config = record.config
-    image_size = config.image_size or dataset_spec(config.dataset).image_size
-    shape = record.image_shape or (_channels_of(record.model_state), image_size, image_size)
+    shape = record.image_shape
+    if shape is None:  # a checkpoint from before image shapes were recorded
+        image_size = config.image_size or dataset_spec(config.dataset).image_size
+        shape = (_channels_of(record.model_state), image_size, image_size)
     learner = build_learner(config, shape)
     try:
         learner.load_state_dict(record.model_state)

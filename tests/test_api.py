@@ -54,6 +54,9 @@ def test_folder_images_come_out_as_the_readers_and_gray_follows_the_model(tmp_pa
     assert torch.equal(preprocess.uint8(colour), data.images[0]) and torch.equal(preprocess.uint8(gray), data.images[1])
     assert torch.equal(preprocess([colour, gray]), data.to_float(data.images))
     assert Preprocess("folder", 8, 1).uint8(colour).shape == (1, 8, 8)  # a 1-channel model gets the luminance
+    gray_alpha = torch.stack([torch.full((10, 10), 90, dtype=torch.uint8), torch.zeros(10, 10, dtype=torch.uint8)])
+    for dataset in ("miniimagenet", "folder"):  # a gray + alpha tensor: alpha dropped, gray repeated
+        assert torch.equal(Preprocess(dataset, 8, 3).uint8(gray_alpha), torch.full((3, 8, 8), 90, dtype=torch.uint8))
 
 
 def test_a_trained_run_scores_outside_files_as_it_scores_the_data(tmp_path: Path, cache_dir: Path) -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from fewshot_nsl.config import RunConfig, load_config
 from fewshot_nsl.learners import MAML, build_learner, recipe_columns
@@ -256,11 +257,20 @@ def test_head_initialisations_follow_their_sources() -> None:
 
 
 def test_run_directories_from_before_finns_network_load_as_they_were_trained(tmp_path: Path) -> None:
+    from fewshot_nsl.api import load_trained
     from fewshot_nsl.engine.checkpoint import read_config
 
-    (tmp_path / "config.yaml").write_text("method: maml\ndataset: omniglot\nways: 5\nshots: 1\nhead: learned\n")
+    # a run directory of that time: the resolved config without the new keys, a checkpoint without an image shape
+    then = RunConfig(method="maml", ways=5, shots=1, conv4_downsample="maxpool", head_init="uniform").resolve()
+    saved = {k: v for k, v in then.to_dict().items() if k not in ("conv4_downsample", "head_init")}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
     config = read_config(tmp_path).resolve()
     assert (config.conv4_downsample, config.head_init) == ("maxpool", "uniform")
+    weights = build_learner(then, (1, 28, 28)).state_dict()
+    torch.save({"model": weights, "config": saved, "version": "0.1.0"}, tmp_path / "best.pt")
+    run = load_trained(tmp_path, device="cpu")  # load_run's model check, rebuild, load
+    assert any(isinstance(m, torch.nn.MaxPool2d) for m in run.learner.modules())
+    assert run.preprocess.channels == 1 and run.preprocess.image_size == 28
     fresh = RunConfig(method="maml", ways=5, shots=1).resolve()
     assert (fresh.conv4_downsample, fresh.head_init) == ("stride", "normal")
     assert "strided-conv4 learned-head(normal)" in recipe_columns(fresh)["recipe"]

@@ -4,8 +4,8 @@
 utils.conv_block without ``--max_pool`` and maml.forward_conv): each 3×3 convolution has
 stride 2 instead of a max-pool after it, and the features are the mean over the final
 positions (64 values) instead of the flattened map. Padding is symmetric (PyTorch's
-``padding=1``); TensorFlow's ``SAME`` pads the bottom/right edge at stride 2 instead, which
-gives the same sizes (28 → 14 → 7 → 4 → 2) on a one-pixel-shifted grid.
+``padding=1``); TensorFlow's ``SAME`` at stride 2 pads only the bottom/right edge of even
+sizes (28, 14, 4), which gives the same sizes (28 → 14 → 7 → 4 → 2) on a one-pixel-shifted grid.
 """
 
 from __future__ import annotations

@@ -6,14 +6,14 @@ steps the training images went through, or the comparison is off before it start
 * Omniglot (``omniglot``): grayscale, inverted so ink is 1 and paper 0, resized with
   antialiasing to ``image_size`` as ``fewshot_nsl.data.omniglot`` resizes the characters
   (an original Omniglot PNG comes out exactly as the dataset's own copy), scaled to [0, 1];
-
-``Preprocess.uint8`` gives the image as the dataset stores it; calling the object also
-standardises, as ``ImageClassSet.to_float`` does.
 * Mini-ImageNet (``miniimagenet``): RGB, both sides resized to ``image_size`` (how the 84×84
   files were made), ImageNet mean and std;
 * an image folder (any other dataset name): the shorter side resized and the centre cropped,
   alpha dropped, mean = std = 0.5; a 1-channel model gets the luminance, a 3-channel model
   gets gray images repeated to three channels, as the folder reader does.
+
+``Preprocess.uint8`` gives the image as the dataset stores it; calling the object also
+standardises, as ``ImageClassSet.to_float`` does.
 """
 
 from __future__ import annotations
@@ -85,11 +85,14 @@ def _decoded(source: ImageSource, mode: ImageReadMode) -> torch.Tensor:
     if isinstance(source, torch.Tensor):
         if source.dtype != torch.uint8 or source.dim() != 3:
             raise UserError(f"an image tensor must be uint8 (C, H, W), got {source.dtype} {tuple(source.shape)}")
-        if mode == ImageReadMode.GRAY and source.shape[0] >= 3:
-            return TF.rgb_to_grayscale(source[:3])
-        if mode == ImageReadMode.RGB and source.shape[0] == 1:
-            return source.expand(3, -1, -1)
-        return source
+        if source.shape[0] not in (1, 2, 3, 4):
+            raise UserError(f"an image tensor needs 1-4 channels (gray, gray+alpha, RGB, RGBA), got {source.shape[0]}")
+        colour = source[:3] if source.shape[0] >= 3 else source[:1]  # alpha dropped
+        if mode == ImageReadMode.GRAY and colour.shape[0] == 3:
+            return TF.rgb_to_grayscale(colour)
+        if mode == ImageReadMode.RGB and colour.shape[0] == 1:
+            return colour.expand(3, -1, -1)
+        return colour if mode != ImageReadMode.UNCHANGED else source
     path = Path(source).expanduser()
     if not path.is_file():
         raise UserError(f"image file {path} does not exist")

@@ -182,9 +182,7 @@ def _run(config: RunConfig, run_dir: Path, data: _Data, state: dict | None, prog
             run_dir / LAST,
         )  # fmt: skip
 
-    code = session_label()
-    if not done.sessions or done.sessions[-1] != code:
-        done.sessions.append(code)
+    done.sessions.append(session_label())  # this session: the start, or a resume
     started = time.perf_counter() - done.seconds
     fresh = state is None
     with open(run_dir / METRICS_FILE, "w" if fresh else "a", newline="") as handle, _StopSignals() as stop:

@@ -57,7 +57,10 @@ def with_provenance(frame: pd.DataFrame) -> pd.DataFrame:
     """Fill ``provenance`` for rows written before it existed: ``dirty`` where ``git_dirty`` says so, else
     ``unverified`` (their training commit was not recorded), so no old row passes for a clean one."""
     recorded = frame["provenance"] if "provenance" in frame else pd.Series(None, index=frame.index, dtype=object)
-    dirty = frame["git_dirty"].astype(str).str.lower() == "true" if "git_dirty" in frame else False
+    if "git_dirty" in frame:
+        dirty = frame["git_dirty"].astype(str).str.lower() == "true"
+    else:
+        dirty = pd.Series(False, index=frame.index)
     derived = pd.Series(UNVERIFIED, index=frame.index, dtype=object).where(~dirty, DIRTY)
     return frame.assign(provenance=recorded.astype(object).fillna(derived))
 
