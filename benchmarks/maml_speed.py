@@ -32,10 +32,11 @@ elsewhere CPU memory is reported as unavailable.
 
 Inputs are random tensors (this measures speed, not accuracy). Settings
 follow Finn et al. 2017 (``fewshot_nsl.config.maml_recipe``), learned head:
-Omniglot 5-way 1-shot, Conv-4 with 64 filters, meta-batch 32, 1 inner step,
-1 query per class; Omniglot 20-way 1-shot, meta-batch 16, 5 inner steps, 1
-query per class; Mini-ImageNet 5-way 1-shot, Conv-4 with 32 filters,
-meta-batch 4, 5 inner steps, 15 queries per class.
+Omniglot 5-way 1-shot, Finn et al.'s strided Conv-4 with 64 filters, meta-batch
+32, 1 inner step, 1 query per class; Omniglot 20-way 1-shot, the same network,
+meta-batch 16, 5 inner steps, 1 query per class; Mini-ImageNet 5-way 1-shot,
+max-pooling Conv-4 with 32 filters, meta-batch 4, 5 inner steps, 15 queries per
+class.
 
     python benchmarks/maml_speed.py              # full run (minutes on CPU)
     python benchmarks/maml_speed.py --quick      # smoke run of every code path
@@ -60,7 +61,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import provenance  # noqa: E402
+from benchmarks.common import PEAK_RSS_RESETTABLE, memory_probe_environment, peak_rss_growth, provenance  # noqa: E402
 from fewshot_nsl.backbones import build_backbone  # noqa: E402
 from fewshot_nsl.episodes.episode import Episode  # noqa: E402
 from fewshot_nsl.learners.maml import MAML  # noqa: E402
@@ -71,8 +72,6 @@ MEMORY_SETTINGS = ("omniglot-5w1s", "omniglot-20w1s")
 MODES = ("vectorised", "sequential")
 ORDERS = ("second", "first")
 RESULTS = Path(__file__).resolve().parent / "results"
-# Fixed thresholds also switch off glibc's adaptive ones (see the module docstring).
-GLIBC_RETURNS_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
 @dataclass(frozen=True)
@@ -87,14 +86,18 @@ class Setting:
     meta_batch: int
     inner_steps: int
     inner_lr: float
+    downsample: str  # Conv-4 network: Finn et al.'s strided Omniglot one, max-pooling on Mini-ImageNet
 
 
 SETTINGS = {
     s.name: s
     for s in (
-        Setting("omniglot-5w1s", (1, 28, 28), width=64, ways=5, queries=1, meta_batch=32, inner_steps=1, inner_lr=0.4),
-        Setting("omniglot-20w1s", (1, 28, 28), width=64, ways=20, queries=1, meta_batch=16, inner_steps=5, inner_lr=0.1),
-        Setting("miniimagenet-5w1s", (3, 84, 84), width=32, ways=5, queries=15, meta_batch=4, inner_steps=5, inner_lr=0.01),
+        Setting("omniglot-5w1s", (1, 28, 28), width=64, ways=5, queries=1, meta_batch=32, inner_steps=1, inner_lr=0.4,
+                downsample="stride"),
+        Setting("omniglot-20w1s", (1, 28, 28), width=64, ways=20, queries=1, meta_batch=16, inner_steps=5, inner_lr=0.1,
+                downsample="stride"),
+        Setting("miniimagenet-5w1s", (3, 84, 84), width=32, ways=5, queries=15, meta_batch=4, inner_steps=5, inner_lr=0.01,
+                downsample="maxpool"),
     )
 }
 
@@ -119,7 +122,7 @@ def redraw_(module: nn.Module, generator: torch.Generator) -> nn.Module:
 
 def build(setting: Setting, first_order: bool, device: torch.device, seed: int) -> MAML:
     generator = torch.Generator().manual_seed(seed)
-    backbone = build_backbone("conv4", setting.image_shape, width=setting.width)
+    backbone = build_backbone("conv4", setting.image_shape, width=setting.width, conv4_downsample=setting.downsample)
     redraw_(backbone, generator)
     learner = MAML(
         backbone, inner_lr=setting.inner_lr, inner_steps=setting.inner_steps, first_order=first_order,
@@ -228,7 +231,7 @@ def memory_bytes(setting: Setting, mode: str, meta_batch: int, device: torch.dev
     """Peak memory growth of one second-order meta-batch (see the module docstring for the method)."""
     if device.type == "cuda":
         return cuda_peak_bytes(replace(setting, meta_batch=meta_batch), mode, device, seed)
-    if not Path("/proc/self/clear_refs").exists():
+    if not PEAK_RSS_RESETTABLE:
         return None
     probe = {"setting": asdict(replace(setting, meta_batch=meta_batch)), "mode": mode, "seed": seed,
              "threads": torch.get_num_threads()}  # fmt: skip
@@ -237,8 +240,7 @@ def memory_bytes(setting: Setting, mode: str, meta_batch: int, device: torch.dev
         capture_output=True,
         text=True,
         check=True,
-        # GLIBC_TUNABLES (the fast setting that keeps freed buffers) would override the thresholds.
-        env={**{k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}, **GLIBC_RETURNS_FREED_MEMORY},
+        env=memory_probe_environment(),
     )
     return json.loads(done.stdout.strip().splitlines()[-1])["bytes"]
 
@@ -264,17 +266,7 @@ def probe_cpu_memory(probe: dict) -> int:
     learner.vectorise = probe["mode"] == "vectorised"
     episodes = random_episodes(setting, device, probe["seed"] + 1)
     meta_batch_seconds(learner, episodes, device)  # warm-up
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-    before = proc_status_bytes("VmRSS")
-    meta_batch_seconds(learner, episodes, device)
-    return proc_status_bytes("VmHWM") - before
-
-
-def proc_status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024  # reported in kB
-    raise RuntimeError(f"/proc/self/status has no {field}")
+    return peak_rss_growth(lambda: meta_batch_seconds(learner, episodes, device))
 
 
 # ----- report --------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from benchmarks.common import add_allow_dirty, machine, provenance, write_result
 from benchmarks.nsl_overhead import layer_multiply_adds  # noqa: E402
 from fewshot_nsl.backbones.similarity import Similarity  # noqa: E402
 from fewshot_nsl.nsl import DynamicNSLConv2d  # noqa: E402
-from fewshot_nsl.nsl.dynamic import _PLANES_MAX_CHANNELS, _planes_modulated_conv, _TapModulatedConv  # noqa: E402
+from fewshot_nsl.nsl.dynamic import _planes_modulated_conv, _TapModulatedConv  # noqa: E402
 from fewshot_nsl.runtime import FAST_MALLOC, seeded  # noqa: E402
 
 CHANNELS = 64
@@ -74,7 +74,7 @@ def forward_backward(forward: Callable[[], torch.Tensor], generator: torch.Gener
 
 
 def takes_planes_path(layer: DynamicNSLConv2d) -> bool:
-    return layer.form == "diagonal" and layer.in_channels <= _PLANES_MAX_CHANNELS
+    return layer.path == "planes"
 
 
 def modulated_only(layer: DynamicNSLConv2d, x: torch.Tensor, planes: bool) -> Callable[[], torch.Tensor]:

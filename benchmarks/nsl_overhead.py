@@ -14,12 +14,21 @@ the meta-network adds Ho·Wo·h·C·9 (first conv) + Ho·Wo·T·h·9 (second con
 diagonal or 81 full), and applying M costs Ho·Wo·C·9 (diagonal) or Ho·Wo·C·81
 (full). The *forward* FLOP ratio sums these over the four layers; it is the floor
 for evaluation. Training also runs the backward, where every convolution is paid
-again for its weight gradient and, except on the images, for its input gradient,
-and dynamic NSL pays one contraction more: the similarity gradient
-``dL/dm[p,t] = sum_{o,c} dL/dy[p,o] · w[o,c,t] · x[p+δ_t,c]`` is convolution-sized
-(F multiply-adds in either contraction order), a term the plain convolution does
-not have. The *training* FLOP ratio counts forward + backward that way and is the
-floor for a training episode; both are reported.
+again for its weight gradient and, except on the images, for its input gradient.
+Dynamic NSL's backward needs G[p,c,t] = sum_o dL/dy[p,o] · w[o,c,t], which is
+the input gradient's own contraction (dX = col2im(G ⊙ m)): where the layer has
+an input gradient, the similarity gradient dL/dm[p,t] = sum_c G[p,c,t] ·
+x[p+δ_t,c] is elementwise work given G (Ho·Wo·C·9 diagonal, Ho·Wo·C·81 full),
+and so is G ⊙ m; only a layer without an input gradient (the stem) pays a
+convolution-sized contraction (F) to form G. The *training* FLOP ratio counts
+
+    per layer: conv · (2 + input_grad)                      plain convolution
+             + meta_first · (2 + input_grad) + meta_second · 3   meta-network
+             + modulation · (2 + input_grad)                 m ⊙ patches, G·x, G ⊙ m
+             + conv · (1 − input_grad)                       G, stem only
+
+and is the floor for a training episode; both ratios are reported. (A patch
+recomputation or any other implementation choice is not part of the floor.)
 
     python benchmarks/nsl_overhead.py            # a few minutes on 2 cores
     python benchmarks/nsl_overhead.py --quick
@@ -79,9 +88,11 @@ def layer_multiply_adds(
     modulation = positions * in_channels * taps
     if not training:
         return conv, meta_first + meta_second + modulation
-    # Backward extras: the similarity gradient (one convolution), the meta-network's
-    # own gradients (its hidden activations always need one) and the modulation twice.
-    return conv * passes, conv + meta_first * passes + meta_second * 3 + modulation * 3
+    # Backward extras (module docstring): the meta-network's gradients (its hidden activations
+    # always need an input gradient), the similarity gradient and G ⊙ m as elementwise work given
+    # G, and G itself only where no input gradient computes it anyway (the stem).
+    extra = meta_first * passes + meta_second * 3 + modulation * (2 + input_grad)
+    return conv * passes, extra + (0 if input_grad else conv)
 
 
 def flop_ratio(similarity: Similarity, image_shape: tuple[int, int, int], training: bool = False) -> float:

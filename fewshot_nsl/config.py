@@ -22,6 +22,9 @@ from fewshot_nsl.data.class_split import ClassSplit
 from fewshot_nsl.errors import UserError
 
 METHODS = ("protonet", "maml")
+# Fields whose default came later and differs from what earlier run directories were trained with:
+# a saved config without them is read with these values (engine.checkpoint.read_config).
+LEGACY_VALUES = {"conv4_downsample": "maxpool", "head_init": "uniform"}
 LR_SCHEDULES = ("step", "cosine", "constant")
 CPU_VECTORISE_MAX_IMAGES = 16  # support + query images per task; see RunConfig._vectorise_by_default
 
@@ -43,11 +46,15 @@ def maml_recipe(dataset: str, ways: int, shots: int) -> dict[str, Any]:
     the Mini-ImageNet (natural image) recipe.
     """
     if dataset == "omniglot":
+        # Finn's Omniglot network: strided convolutions, mean-pooled features, head weights ~ N(0, 1)
+        # (maml.py construct_conv_weights: tf.random_normal; biases zero).
+        network = {"width": 64, "conv4_downsample": "stride", "head_init": "normal"}
         if ways >= 20:
-            return {"meta_batch": 16, "inner_steps": 5, "eval_inner_steps": 5, "inner_lr": 0.1, "width": 64, "queries": shots}
-        return {"meta_batch": 32, "inner_steps": 1, "eval_inner_steps": 3, "inner_lr": 0.4, "width": 64, "queries": shots}
+            return {"meta_batch": 16, "inner_steps": 5, "eval_inner_steps": 5, "inner_lr": 0.1, "queries": shots} | network
+        return {"meta_batch": 32, "inner_steps": 1, "eval_inner_steps": 3, "inner_lr": 0.4, "queries": shots} | network
+    # Mini-ImageNet: max-pooling, flattened 5x5 map, head from Glorot's uniform (xavier_initializer).
     return {"meta_batch": 4 if shots == 1 else 2, "inner_steps": 5, "eval_inner_steps": 10, "inner_lr": 0.01,
-            "width": 32, "queries": 15}  # fmt: skip
+            "width": 32, "queries": 15, "conv4_downsample": "maxpool", "head_init": "xavier"}  # fmt: skip
 
 
 @dataclass
@@ -60,6 +67,7 @@ class RunConfig:
     nsl_hidden: int = 64
     width: int | None = None
     plain_stem: bool = False
+    conv4_downsample: str | None = None  # maxpool, or stride (Finn et al.'s Omniglot MAML network)
     drop_rate: float = 0.0
     distance: str = "euclidean"
     # data
@@ -94,6 +102,7 @@ class RunConfig:
     meta_sgd: bool = False
     anil: bool = False
     head: str = "learned"
+    head_init: str | None = None  # learned head: uniform (PyTorch's), normal (N(0,1), Finn's Omniglot), xavier
     inner_loss: str = "mean"
     vectorise: bool | None = None
     # MAML++ switches (Antoniou et al. 2019); cosine annealing is lr_schedule: cosine
@@ -114,6 +123,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"
     channels_last: bool | None = None
+    amp: bool = False  # bfloat16 autocast in training (weights, optimiser and evaluation stay float32)
     run_dir: str | None = None
 
     @classmethod
@@ -138,7 +148,11 @@ class RunConfig:
         if self.method not in METHODS:
             raise UserError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         maml = self.method == "maml"
-        recipe = maml_recipe(self.dataset, self.ways, self.shots) if maml else {"width": 64, "meta_batch": 1, "queries": 5}
+        recipe = (
+            maml_recipe(self.dataset, self.ways, self.shots)
+            if maml
+            else {"width": 64, "meta_batch": 1, "queries": 5, "conv4_downsample": "maxpool"}
+        )
         defaults: dict[str, Any] = {
             **recipe,
             # Snell et al. halve the learning rate every 2000 iterations; Finn et al. keep it constant.

@@ -34,6 +34,18 @@ def test_every_class_lands_in_exactly_one_split_in_the_stated_proportions(classe
     assert ClassSplit((0.64, 0.16, 0.20), seed).classes(names, "test") == parts["test"]
 
 
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(st.floats(0.01, 0.9), st.floats(0.01, 0.9), st.integers(0, 10**6))
+def test_the_protocol_name_reads_back_as_the_same_split(train: float, val: float, seed: int) -> None:
+    if train + val > 0.99:
+        return
+    split = ClassSplit.parse(f"{train!r},{val!r},{1 - train - val!r}", seed)
+    again = ClassSplit.from_protocol(split.protocol)
+    names = [f"c{i}" for i in range(300)]
+    assert again is not None and all(abs(a - b) < 1e-9 for a, b in zip(again.ratios, split.ratios))
+    assert again.classes(names, "val") == split.classes(names, "val")
+
+
 def test_seeds_differ_and_the_protocol_names_ratios_and_seed() -> None:
     names = [f"c{i}" for i in range(50)]
     a, b = ClassSplit.parse("0.64,0.16,0.20", 0), ClassSplit.parse("0.64,0.16,0.20", 1)
@@ -48,6 +60,7 @@ def test_seeds_differ_and_the_protocol_names_ratios_and_seed() -> None:
         ("0.5,0.5", "three positive fractions"),
         ("0.7,0.2,0.2", "must sum to 1"),
         ("0.8,0.2,0", "three positive fractions"),
+        ("0.9995,0.0004,0.0001", "at least 0.001"),
         ("a,b,c", "comma-separated fractions"),
     ],
 )

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from fewshot_nsl.config import RunConfig, load_config
 from fewshot_nsl.learners import MAML, build_learner, recipe_columns
@@ -16,11 +17,14 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 # Finn et al. (2017), Appendix A.1, and github.com/cbfinn/maml (main.py): written out here
 # independently of fewshot_nsl.config.maml_recipe, field by field.
+# Network: Omniglot strided convolutions + mean pooling + N(0, 1) head; Mini-ImageNet max-pooling + Glorot head.
+OMNIGLOT_NET = {"conv4_downsample": "stride", "head_init": "normal"}
+MINI_NET = {"conv4_downsample": "maxpool", "head_init": "xavier"}
 FINN = {
-    ("omniglot", 5, 1): {"meta_batch": 32, "inner_steps": 1, "eval_inner_steps": 3, "inner_lr": 0.4, "width": 64, "queries": 1},
-    ("omniglot", 20, 1): {"meta_batch": 16, "inner_steps": 5, "eval_inner_steps": 5, "inner_lr": 0.1, "width": 64, "queries": 1},
-    ("miniimagenet", 5, 1): {"meta_batch": 4, "inner_steps": 5, "eval_inner_steps": 10, "inner_lr": 0.01, "width": 32, "queries": 15},
-    ("miniimagenet", 5, 5): {"meta_batch": 2, "inner_steps": 5, "eval_inner_steps": 10, "inner_lr": 0.01, "width": 32, "queries": 15},
+    ("omniglot", 5, 1): {"meta_batch": 32, "inner_steps": 1, "eval_inner_steps": 3, "inner_lr": 0.4, "width": 64, "queries": 1} | OMNIGLOT_NET,
+    ("omniglot", 20, 1): {"meta_batch": 16, "inner_steps": 5, "eval_inner_steps": 5, "inner_lr": 0.1, "width": 64, "queries": 1} | OMNIGLOT_NET,
+    ("miniimagenet", 5, 1): {"meta_batch": 4, "inner_steps": 5, "eval_inner_steps": 10, "inner_lr": 0.01, "width": 32, "queries": 15} | MINI_NET,
+    ("miniimagenet", 5, 5): {"meta_batch": 2, "inner_steps": 5, "eval_inner_steps": 10, "inner_lr": 0.01, "width": 32, "queries": 15} | MINI_NET,
 }  # fmt: skip
 COMMON = {"head": "learned", "inner_loss": "mean", "lr": 1e-3, "lr_schedule": "constant", "first_order": False,
           "meta_sgd": False, "anil": False, "per_step_bn": False, "lslr": False, "multi_step_loss": False,
@@ -59,8 +63,17 @@ def test_shipped_maml_configs_are_the_published_recipe_and_build_it(name: str) -
         config.inner_lr, config.inner_steps, config.eval_inner_steps,
     )  # fmt: skip
     assert learner.inner_loss == "mean" and not learner.first_order and not learner.plus_plus.enabled()
-    # Conv-4 feature width: 64 on 28x28 Omniglot; 32 filters x 5 x 5 = 800 on 84x84 Mini-ImageNet (as Finn et al.)
+    # Conv-4 feature width: 64 on 28x28 Omniglot (mean of the final 2x2 map); 32 filters x 5 x 5 = 800 on
+    # 84x84 Mini-ImageNet (as Finn et al.)
     assert learner.backbone.out_features == (64 if dataset == "omniglot" else 800)
+    pools = [m for m in learner.backbone.modules() if isinstance(m, torch.nn.MaxPool2d)]
+    strides = [m.stride for m in learner.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
+    if dataset == "omniglot":
+        assert not pools and strides == [(2, 2)] * 4
+        assert learner.backbone(torch.zeros(2, 1, 28, 28)).shape == (2, 64)
+        assert learner.backbone.features(torch.zeros(2, 1, 28, 28)).shape == (2, 64, 2, 2)  # 28 -> 14 -> 7 -> 4 -> 2
+    else:
+        assert len(pools) == 4 and strides == [(1, 1)] * 4
 
 
 def test_user_settings_override_the_recipe() -> None:
@@ -82,7 +95,12 @@ def test_leaderboard_recipe_tells_maml_variants_apart() -> None:
         RunConfig(method="maml", ways=5, shots=1, inner_loss="tf-sum").resolve(),
     ]
     labels = [recipe_columns(c)["recipe"] for c in variants]
-    assert len(set(labels)) == len(labels), labels
+    readable = [label.rsplit(" [", 1)[0] for label in labels]  # without the config hash
+    assert len(set(readable)) == len(readable), readable
+    # what the readable part leaves out (here the meta learning rate) is told apart by the hash
+    other_lr = recipe_columns(RunConfig(method="maml", ways=5, shots=1, lr=5e-4).resolve())["recipe"]
+    assert other_lr.rsplit(" [", 1)[0] == readable[0] and other_lr != labels[0]
+    assert labels[0].endswith(f"[{recipe_columns(base)['config_hash']}]")
     columns = recipe_columns(base)
     assert (columns["maml_head"], columns["inner_steps"], columns["eval_inner_steps"], columns["inner_lr"],
             columns["maml_order"], columns["meta_batch"]) == ("learned", 1, 3, 0.4, "second", 32)  # fmt: skip
@@ -210,3 +228,51 @@ def test_cpu_vectorises_only_the_tiny_tasks_where_vmap_was_measured_faster(task:
     config = RunConfig(method="maml", dataset=dataset, ways=ways, shots=shots, device="cpu").resolve()
     assert config.vectorise is expected
     assert RunConfig(method="maml", dataset=dataset, ways=ways, shots=shots, vectorise=not expected).resolve().vectorise is (not expected)
+
+
+def test_head_initialisations_follow_their_sources() -> None:
+    backbone = conv4(torch.Generator().manual_seed(1), width=8)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    heads = {
+        init: MAML(backbone, ways=20, head_init=init, generator=torch.Generator().manual_seed(3)).head
+        for init in ("uniform", "normal", "xavier")
+    }
+    assert torch.equal(torch.get_rng_state(), before)  # drawn from the named generator only
+    features = backbone.out_features
+    # uniform: PyTorch's nn.Linear default, weight then bias from U(-1/sqrt(D), 1/sqrt(D)), in that order
+    generator, bound = torch.Generator().manual_seed(3), features**-0.5
+    expected_weight = torch.empty(20, features).uniform_(-bound, bound, generator=generator)
+    expected_bias = torch.empty(20).uniform_(-bound, bound, generator=generator)
+    assert torch.equal(heads["uniform"].weight, expected_weight) and torch.equal(heads["uniform"].bias, expected_bias)
+    # normal: Finn et al.'s Omniglot head, N(0, 1) weights, zero bias
+    weight = heads["normal"].weight.detach()
+    assert abs(float(weight.mean())) < 0.15 and 0.85 < float(weight.std()) < 1.15
+    assert not heads["normal"].bias.any()
+    # xavier: Glorot uniform, bound sqrt(6 / (fan_in + fan_out)), zero bias
+    glorot = (6 / (features + 20)) ** 0.5
+    weight = heads["xavier"].weight.detach()
+    assert float(weight.abs().max()) <= glorot and float(weight.abs().max()) > 0.9 * glorot
+    assert not heads["xavier"].bias.any()
+
+
+def test_run_directories_from_before_finns_network_load_as_they_were_trained(tmp_path: Path) -> None:
+    from fewshot_nsl.api import load_trained
+    from fewshot_nsl.engine.checkpoint import read_config
+
+    # a run directory of that time: the resolved config without the new keys, a checkpoint without an image shape
+    then = RunConfig(method="maml", ways=5, shots=1, conv4_downsample="maxpool", head_init="uniform").resolve()
+    saved = {k: v for k, v in then.to_dict().items() if k not in ("conv4_downsample", "head_init")}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    config = read_config(tmp_path).resolve()
+    assert (config.conv4_downsample, config.head_init) == ("maxpool", "uniform")
+    weights = build_learner(then, (1, 28, 28)).state_dict()
+    torch.save({"model": weights, "config": saved, "version": "0.1.0"}, tmp_path / "best.pt")
+    run = load_trained(tmp_path, device="cpu")  # load_run's model check, rebuild, load
+    assert any(isinstance(m, torch.nn.MaxPool2d) for m in run.learner.modules())
+    assert run.preprocess.channels == 1 and run.preprocess.image_size == 28
+    fresh = RunConfig(method="maml", ways=5, shots=1).resolve()
+    assert (fresh.conv4_downsample, fresh.head_init) == ("stride", "normal")
+    assert "strided-conv4 learned-head(normal)" in recipe_columns(fresh)["recipe"]
+    plus_plus = load_config(CONFIGS / "maml++-conv4-omniglot.yaml").resolve()
+    assert (plus_plus.conv4_downsample, plus_plus.head_init) == ("maxpool", "xavier")  # MAML++'s own network

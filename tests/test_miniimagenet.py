@@ -11,15 +11,16 @@ import torch
 from PIL import Image
 from torchvision.io import decode_jpeg, read_file
 
-from fewshot_nsl.data import miniimagenet
 from fewshot_nsl.data.miniimagenet import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     describe_miniimagenet,
+    list_split,
     load_miniimagenet,
     prepare_miniimagenet,
 )
 from fewshot_nsl.errors import UserError
+from tests.cache_helpers import undecodable_keeping_stat
 
 WNIDS = ("n03000001", "n01000002", "n02000003")  # listed unsorted on purpose
 PER_CLASS = 4
@@ -116,28 +117,22 @@ def test_partial_split_other_sizes_and_gray(tmp_path, cache_dir):
     resized_gray = data.images[data.members(label)[1]]
     assert resized_gray.shape == (3, 84, 84)
     assert (resized_gray.int() - 90).abs().max() <= 3
-    summary = miniimagenet.list_split(folder, "train").summary()
+    summary = list_split(folder, "train").summary()
     assert "3 classes, 11 images (3-4 per class; the full split has 600)" in summary
 
 
-def test_cache_is_used_and_invalidated(tmp_path, cache_dir, monkeypatch):
+def test_cache_is_used_and_invalidated(tmp_path, cache_dir):
     build_folders(tmp_path / "miniimagenet")
     first = load_miniimagenet(tmp_path, "test", cache_dir)
     assert len(list(cache_dir.glob("miniimagenet-test-84-*.pt"))) == 1
 
-    real_decode = miniimagenet._decode_split
-
-    def no_decode(*args):
-        raise AssertionError("must come from the cache")
-
-    monkeypatch.setattr(miniimagenet, "_decode_split", no_decode)
-    again = load_miniimagenet(tmp_path, "test", cache_dir)
+    with undecodable_keeping_stat((tmp_path / "miniimagenet" / "test").rglob("*.jpg")):
+        again = load_miniimagenet(tmp_path, "test", cache_dir)  # a decode would fail: this is the cache
     assert torch.equal(again.images, first.images)
 
     changed = tmp_path / "miniimagenet" / "test" / WNIDS[1] / _file_name(WNIDS[1], 2)
     _jpeg(changed, (0, 0, 0))
     os.utime(changed, ns=(0, 10**9))
-    monkeypatch.setattr(miniimagenet, "_decode_split", real_decode)
     rebuilt = load_miniimagenet(tmp_path, "test", cache_dir)
     assert not torch.equal(rebuilt.images, first.images)
 
@@ -146,7 +141,7 @@ def test_cache_is_used_and_invalidated(tmp_path, cache_dir, monkeypatch):
 
 
 def test_clear_errors(tmp_path, cache_dir):
-    with pytest.raises(UserError, match="cannot be downloaded by script"):
+    with pytest.raises(UserError, match=r"Run `fewshot-nsl data prepare miniimagenet` \(downloads the pickle caches\)"):
         load_miniimagenet(tmp_path, "test", cache_dir)
     with pytest.raises(UserError, match="no 'dev' split"):
         load_miniimagenet(tmp_path, "dev", cache_dir)

@@ -4,6 +4,7 @@ reference, folding, gradients (incl. double backward), and torch.func use."""
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Iterator
 
@@ -19,7 +20,7 @@ from fewshot_nsl.nsl import DynamicNSLConv2d, StaticNSLConv2d, fold_static_nsl
 FORMS = ["diagonal", "full"]
 # Dynamic NSL's two implementations: the chunked patch path (every full form, and
 # diagonal layers with many input channels) and the planes path that diagonal
-# layers with few input channels take. Tests force each with ``use_path``.
+# layers with few input channels take. Tests pick each with the layer's ``path``.
 DYNAMIC_PATHS = [("diagonal", "patches"), ("diagonal", "planes"), ("full", "patches")]
 GEOMETRIES = [(1, 0), (1, 1), (2, 0), (2, 1)]  # (stride, padding)
 
@@ -70,15 +71,8 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
-def use_path(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
-    """Route diagonal dynamic layers of any width through ``path``."""
-    monkeypatch.setattr(dynamic_module, "_PLANES_MAX_CHANNELS", 1 << 30 if path == "planes" else 0)
-
-
-@pytest.fixture
-def multi_chunk(monkeypatch):
-    """Force the CPU path to split batches into several (ragged) chunks."""
-    monkeypatch.setattr(dynamic_module, "_CPU_CHUNK_ELEMENTS", 1)
+# ``chunk_elements=1`` makes the patch path split every batch into (ragged) one-sample chunks.
+MULTI_CHUNK = 1
 
 
 # ----------------------------------------------------------------- static NSL
@@ -169,10 +163,9 @@ def test_regularization_loss():
 
 @pytest.mark.parametrize("form,path", DYNAMIC_PATHS)
 @pytest.mark.parametrize("stride,padding", GEOMETRIES)
-def test_dynamic_matches_brute_force(form, path, stride, padding, monkeypatch):
-    use_path(monkeypatch, path)
+def test_dynamic_matches_brute_force(form, path, stride, padding):
     torch.manual_seed(5)
-    layer = DynamicNSLConv2d(2, 3, stride=stride, padding=padding, bias=True, form=form, hidden=4).double()
+    layer = DynamicNSLConv2d(2, 3, stride=stride, padding=padding, bias=True, form=form, hidden=4, path=path).double()
     randomise_meta(layer)
     x = torch.randn(3, 2, 6, 5, dtype=torch.float64)
     sim = layer.similarity(x)
@@ -180,12 +173,88 @@ def test_dynamic_matches_brute_force(form, path, stride, padding, monkeypatch):
     torch.testing.assert_close(layer(x), expected, atol=1e-10, rtol=1e-10)
 
 
+def meta_network_by_loops(layer: DynamicNSLConv2d, x: torch.Tensor, training: bool) -> torch.Tensor:
+    """M(x) from the definition, one scalar at a time (float64), sharing no code with ``similarity``:
+
+    h[o,p] = sum_{c,u,v} Wm[o,c,u,v] x[c, p*s+(u,v)] / sqrt(sum_{c,u,v} x[c, p*s+(u,v)]**2 + eps)
+    (zero padding), BatchNorm over (batch, positions) with the biased variance in training and
+    the running statistics in eval, ReLU, g[t,p] = b[t] + sum_{o,u,v} Wout[t,o,u,v] relu(h)[o, p+(u,v)-1]
+    (3x3, zero padding 1), and M = 1 + g (diagonal) or I + g reshaped k*k x k*k (full).
+    """
+    batch, channels, height, width = x.shape
+    k, s, pad, eps = layer.kernel_size, layer.stride, layer.padding, layer.energy_eps
+    hidden, outputs = layer.hidden, layer.meta_out.out_channels
+    out_h, out_w = (height + 2 * pad - k) // s + 1, (width + 2 * pad - k) // s + 1
+    wm, wo, bo = layer.meta_conv.weight.tolist(), layer.meta_out.weight.tolist(), layer.meta_out.bias.tolist()
+    pixels = x.tolist()
+
+    def pixel(b, c, i, j):
+        return pixels[b][c][i][j] if 0 <= i < height and 0 <= j < width else 0.0
+
+    h = [[[[0.0] * out_w for _ in range(out_h)] for _ in range(hidden)] for _ in range(batch)]
+    for b in range(batch):
+        for i in range(out_h):
+            for j in range(out_w):
+                taps = [(c, i * s + u - pad, j * s + v - pad, u, v) for c in range(channels) for u in range(k) for v in range(k)]
+                energy = sum(pixel(b, c, a, d) ** 2 for c, a, d, _, _ in taps)
+                for o in range(hidden):
+                    h[b][o][i][j] = sum(wm[o][c][u][v] * pixel(b, c, a, d) for c, a, d, u, v in taps) / math.sqrt(energy + eps)
+    bn = layer.meta_bn
+    gamma, beta = bn.weight.tolist(), bn.bias.tolist()
+    for o in range(hidden):
+        values = [h[b][o][i][j] for b in range(batch) for i in range(out_h) for j in range(out_w)]
+        if training:
+            mean = sum(values) / len(values)
+            variance = sum((v - mean) ** 2 for v in values) / len(values)
+        else:
+            mean, variance = float(bn.running_mean[o]), float(bn.running_var[o])
+        scale, shift = gamma[o] / math.sqrt(variance + bn.eps), beta[o]
+        for b in range(batch):
+            for i in range(out_h):
+                for j in range(out_w):
+                    h[b][o][i][j] = max(0.0, (h[b][o][i][j] - mean) * scale + shift)
+    g = torch.zeros(batch, outputs, out_h, out_w, dtype=torch.float64)
+    for b in range(batch):
+        for t in range(outputs):
+            for i in range(out_h):
+                for j in range(out_w):
+                    g[b, t, i, j] = bo[t] + sum(
+                        wo[t][o][u][v] * h[b][o][i + u - 1][j + v - 1]
+                        for o in range(hidden) for u in range(3) for v in range(3)
+                        if 0 <= i + u - 1 < out_h and 0 <= j + v - 1 < out_w
+                    )  # fmt: skip
+    if layer.form == "diagonal":
+        return g + 1.0
+    return g.unflatten(1, (k * k, k * k)) + torch.eye(k * k, dtype=torch.float64)[:, :, None, None]
+
+
+@pytest.mark.parametrize("channels", [2, 5])  # diagonal: planes path up to 4 input channels, patch path above
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("stride,padding", [(1, 1), (2, 0)])
+def test_meta_network_matches_its_definition_computed_by_loops(channels, form, training, stride, padding):
+    torch.manual_seed(17)
+    layer = DynamicNSLConv2d(channels, 3, stride=stride, padding=padding, form=form, hidden=3).double()
+    randomise_meta(layer)
+    with torch.no_grad():  # non-trivial BatchNorm affine and running statistics
+        layer.meta_bn.weight.uniform_(0.5, 1.5)
+        layer.meta_bn.bias.normal_(0.0, 0.3)
+        layer.meta_bn.running_mean.normal_(0.0, 0.2)
+        layer.meta_bn.running_var.uniform_(0.5, 2.0)
+    layer.train(training)
+    x = torch.randn(2, channels, 5, 6, dtype=torch.float64)
+    expected = meta_network_by_loops(layer, x, training)
+    torch.testing.assert_close(layer.similarity(x), expected, atol=1e-10, rtol=1e-10)
+    # and the layer's output is the NSL score under that independently computed M
+    m9 = m9_from_similarity(expected, form)
+    torch.testing.assert_close(layer(x), brute_force(x, layer.weight, m9, stride, padding), atol=1e-10, rtol=1e-10)
+
+
 @pytest.mark.parametrize("form,path", DYNAMIC_PATHS)
-def test_dynamic_forward_uses_similarity(form, path, monkeypatch, multi_chunk):
+def test_dynamic_forward_uses_similarity(form, path, monkeypatch):
     """Swap ``similarity`` for an arbitrary field: forward must follow it."""
-    use_path(monkeypatch, path)
     torch.manual_seed(6)
-    layer = DynamicNSLConv2d(2, 3, stride=2, padding=1, form=form, hidden=4).double()
+    layer = DynamicNSLConv2d(2, 3, stride=2, padding=1, form=form, hidden=4, path=path, chunk_elements=MULTI_CHUNK).double()
     x = torch.randn(3, 2, 5, 6, dtype=torch.float64)
     shape = layer.similarity(x).shape
     field = torch.randn(shape, dtype=torch.float64)
@@ -197,12 +266,10 @@ def test_dynamic_forward_uses_similarity(form, path, monkeypatch, multi_chunk):
 @pytest.mark.parametrize(
     "form,path,chunked", [(f, p, False) for f, p in DYNAMIC_PATHS] + [("diagonal", "patches", True), ("full", "patches", True)]
 )
-def test_dynamic_gradcheck(form, path, chunked, monkeypatch):
-    use_path(monkeypatch, path)
-    if chunked:
-        monkeypatch.setattr(dynamic_module, "_CPU_CHUNK_ELEMENTS", 1)
+def test_dynamic_gradcheck(form, path, chunked):
     torch.manual_seed(7)
-    layer = DynamicNSLConv2d(2, 3, stride=1, padding=1, bias=True, form=form, hidden=3).double()
+    chunking = {"chunk_elements": MULTI_CHUNK} if chunked else {}
+    layer = DynamicNSLConv2d(2, 3, stride=1, padding=1, bias=True, form=form, hidden=3, path=path, **chunking).double()
     randomise_meta(layer, 0.5)
     with torch.no_grad():  # eval mode uses these: BatchNorm becomes a fixed affine map
         layer.meta_bn.running_mean.normal_(0.0, 0.1)
@@ -219,21 +286,26 @@ def test_dynamic_gradcheck(form, path, chunked, monkeypatch):
     assert torch.autograd.gradcheck(run, (x, *[params[n] for n in names]))
 
 
-def test_few_channel_diagonal_layers_take_the_planes_path(monkeypatch):
-    def patch_path_called(*args):
-        raise AssertionError("the patch path ran")
+def test_few_channel_diagonal_layers_take_the_planes_path():
+    """The default route, seen in the autograd graph: the patch path is the one custom Function."""
 
-    monkeypatch.setattr(dynamic_module._TapModulatedConv, "apply", patch_path_called)
-    few = dynamic_module._PLANES_MAX_CHANNELS
-    DynamicNSLConv2d(few, 4, hidden=3)(torch.randn(2, few, 6, 6))
-    with pytest.raises(AssertionError, match="patch path"):
-        DynamicNSLConv2d(few + 1, 4, hidden=3)(torch.randn(2, few + 1, 6, 6))
-    with pytest.raises(AssertionError, match="patch path"):
-        DynamicNSLConv2d(1, 4, hidden=3, form="full")(torch.randn(2, 1, 6, 6))
+    def ran_patch_path(layer: DynamicNSLConv2d) -> bool:
+        y = layer(torch.randn(2, layer.in_channels, 6, 6, requires_grad=True))
+        return type(y.grad_fn).__name__ == "_TapModulatedConvBackward" or any(
+            type(f).__name__ == "_TapModulatedConvBackward" for f, _ in y.grad_fn.next_functions if f is not None
+        )
+
+    few = dynamic_module.PLANES_MAX_CHANNELS
+    assert DynamicNSLConv2d(few, 4, hidden=3).path == "planes" and not ran_patch_path(DynamicNSLConv2d(few, 4, hidden=3))
+    assert DynamicNSLConv2d(few + 1, 4, hidden=3).path == "patches" and ran_patch_path(DynamicNSLConv2d(few + 1, 4, hidden=3))
+    assert ran_patch_path(DynamicNSLConv2d(1, 4, hidden=3, form="full"))
+    assert ran_patch_path(DynamicNSLConv2d(1, 4, hidden=3, path="patches"))
+    with pytest.raises(ValueError, match="'planes' for the diagonal form only"):
+        DynamicNSLConv2d(1, 4, form="full", path="planes")
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-def test_planes_and_patches_paths_agree(stride, monkeypatch):
+def test_planes_and_patches_paths_agree(stride):
     """At a realistic size in float32 both diagonal paths give the same output and gradients."""
     torch.manual_seed(16)
     layer = DynamicNSLConv2d(3, 16, stride=stride, hidden=8)
@@ -241,7 +313,7 @@ def test_planes_and_patches_paths_agree(stride, monkeypatch):
     x = torch.randn(4, 3, 21, 20).contiguous(memory_format=torch.channels_last)
     results = {}
     for path in ("patches", "planes"):
-        use_path(monkeypatch, path)
+        layer.path = path
         layer.zero_grad()
         x_grad = x.clone().requires_grad_()
         y = layer(x_grad)
@@ -252,7 +324,7 @@ def test_planes_and_patches_paths_agree(stride, monkeypatch):
 
 
 @pytest.mark.parametrize("form", FORMS)
-def test_dynamic_double_backward(form, multi_chunk):
+def test_dynamic_double_backward(form):
     """MAML differentiates through gradients: check the second derivative."""
     torch.manual_seed(8)
     layer = DynamicNSLConv2d(2, 2, stride=2, padding=1, form=form, hidden=3).double()
@@ -264,7 +336,7 @@ def test_dynamic_double_backward(form, multi_chunk):
     weight = layer.weight.detach().clone().requires_grad_()
 
     def op(x, w, s):
-        return dynamic_module._TapModulatedConv.apply(x, w, s, 2, 1, False)
+        return dynamic_module._TapModulatedConv.apply(x, w, s, 2, 1, False, MULTI_CHUNK)
 
     assert torch.autograd.gradgradcheck(op, (x, weight, tap_last))
 
@@ -326,12 +398,12 @@ def test_gradients_reach_every_parameter(form):
 
 
 @pytest.mark.parametrize("form,path", DYNAMIC_PATHS)
-def test_channels_last_input(form, path, multi_chunk, monkeypatch):
-    use_path(monkeypatch, path)
+def test_channels_last_input(form, path):
     torch.manual_seed(11)
     x = torch.randn(3, 4, 7, 7)
     x_cl = x.contiguous(memory_format=torch.channels_last)
-    for layer in (StaticNSLConv2d(4, 5, form=form), DynamicNSLConv2d(4, 5, stride=2, form=form, hidden=6)):
+    dynamic = DynamicNSLConv2d(4, 5, stride=2, form=form, hidden=6, path=path, chunk_elements=MULTI_CHUNK)
+    for layer in (StaticNSLConv2d(4, 5, form=form), dynamic):
         if isinstance(layer, DynamicNSLConv2d):
             randomise_meta(layer)
         y, y_cl = layer(x), layer(x_cl)
@@ -364,13 +436,12 @@ def _task_params(layer: nn.Module, tasks: int) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("layer_type,form,path", [("static", f, "patches") for f in FORMS] + [("dynamic", *fp) for fp in DYNAMIC_PATHS])
-def test_vmap_over_tasks_matches_loop(layer_type, form, path, multi_chunk, monkeypatch):
-    use_path(monkeypatch, path)
+def test_vmap_over_tasks_matches_loop(layer_type, form, path):
     torch.manual_seed(12)
     if layer_type == "static":
         layer: nn.Module = StaticNSLConv2d(2, 3, form=form)
     else:
-        layer = DynamicNSLConv2d(2, 3, stride=2, form=form, hidden=4)
+        layer = DynamicNSLConv2d(2, 3, stride=2, form=form, hidden=4, path=path, chunk_elements=MULTI_CHUNK)
         randomise_meta(layer)
         replace_all_batch_norm_modules_(layer)
     tasks = 3
@@ -397,16 +468,15 @@ def test_vmap_over_tasks_matches_loop(layer_type, form, path, multi_chunk, monke
 
 
 @pytest.mark.parametrize("form,path", DYNAMIC_PATHS)
-def test_vmapped_maml_step_second_order(form, path, monkeypatch):
+def test_vmapped_maml_step_second_order(form, path):
     """One inner SGD step per task under vmap, outer gradient through it.
 
     BatchNorm runs in eval mode here: with batch statistics, torch.func's
     batch-norm double backward under vmap is itself wrong for the weights
     feeding BatchNorm (a PyTorch issue, reproducible with plain nn.Conv2d).
     """
-    use_path(monkeypatch, path)
     torch.manual_seed(13)
-    layer = DynamicNSLConv2d(2, 3, form=form, hidden=4).double().eval()
+    layer = DynamicNSLConv2d(2, 3, form=form, hidden=4, path=path).double().eval()
     randomise_meta(layer)
     init = {n: p.detach().clone() for n, p in layer.named_parameters()}
     xs = torch.randn(2, 2, 2, 5, 5, dtype=torch.float64)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import shutil
 import urllib.error
 import zipfile
 from pathlib import Path
@@ -11,15 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torchvision
 from PIL import Image
 
-from fewshot_nsl.data import omniglot, omniglot_prepare
 from fewshot_nsl.data.omniglot import load_omniglot
 from fewshot_nsl.data.omniglot_prepare import (
     SPLIT_NAMES,
     SPLITS_URL,
     CharacterRow,
+    OmniglotSources,
+    atomic_write,
+    fetch_split,
     has_npz_form,
     prepare_omniglot,
     read_png_tree,
@@ -172,18 +174,19 @@ def test_loads_through_both_protocols(png_tree, split_dir, cache_dir):
     assert torch.equal(small.images[small.members(1)], torch.rot90(first, k=1, dims=(-2, -1)))
 
 
-def test_prepare_keeps_existing_form(png_tree, split_dir, monkeypatch):
+def fail(*args, **kwargs):
+    raise AssertionError("nothing should be downloaded")
+
+
+OFFLINE_SOURCES = OmniglotSources(download_images=fail, fetch_split=fail)
+
+
+def test_prepare_keeps_existing_form(png_tree, split_dir):
     data_root, _ = png_tree
     out = prepare_omniglot(data_root, download=False, splits_from=split_dir)
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
-
-    def fail(*args, **kwargs):
-        raise AssertionError("nothing should be read, downloaded or converted")
-
-    monkeypatch.setattr(torchvision.datasets, "Omniglot", fail)
-    monkeypatch.setattr(omniglot_prepare, "fetch_split", fail)
-    monkeypatch.setattr(omniglot_prepare, "read_png_tree", fail)
-    assert prepare_omniglot(data_root, download=True) == out
+    shutil.rmtree(data_root / "omniglot-py")  # nothing left to convert from: a conversion would fail
+    assert prepare_omniglot(data_root, download=True, sources=OFFLINE_SOURCES) == out
     assert stamps == {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
 
 
@@ -204,39 +207,26 @@ def test_converts_zips_left_unpacked(tmp_path, split_dir):
 # ---------------------------------------------------------------- download path, offline
 
 
-class FakeOmniglot:
-    """Stands in for ``torchvision.datasets.Omniglot``: records calls, 'downloads' the fixture tree."""
-
-    calls: list[tuple] = []
-    source: Path
-
-    def __init__(self, root, background=True, download=False, **kwargs):
-        FakeOmniglot.calls.append((root, background, download))
-        set_name = "background" if background else "evaluation"
-        target = Path(root) / "omniglot-py" / f"images_{set_name}"
-        import shutil
-
-        shutil.copytree(FakeOmniglot.source / f"images_{set_name}", target)
-
-
-def test_prepare_downloads_when_nothing_is_there(tmp_path, monkeypatch):
+def test_prepare_downloads_when_nothing_is_there(tmp_path):
     source = tmp_path / "official"
     drawn = build_png_tree(source)
     splits = write_split_files(tmp_path / "remote-splits", drawn)
-    FakeOmniglot.calls = []
-    FakeOmniglot.source = source
-    fetched = []
+    downloads, fetched = [], []
+
+    def fake_download(root, background):
+        """Unpacks the fixture tree where torchvision.datasets.Omniglot would."""
+        downloads.append((root, background))
+        set_name = "background" if background else "evaluation"
+        shutil.copytree(source / f"images_{set_name}", Path(root) / "omniglot-py" / f"images_{set_name}")
 
     def fake_fetch(name):
         fetched.append(name)
         return "\n".join(splits[name]) + "\n"
 
-    monkeypatch.setattr(torchvision.datasets, "Omniglot", FakeOmniglot)
-    monkeypatch.setattr(omniglot_prepare, "fetch_split", fake_fetch)
     data_root = tmp_path / "data"
-    out = prepare_omniglot(data_root)
+    out = prepare_omniglot(data_root, sources=OmniglotSources(download_images=fake_download, fetch_split=fake_fetch))
 
-    assert FakeOmniglot.calls == [(str(data_root), True, True), (str(data_root), False, True)]
+    assert downloads == [(data_root, True), (data_root, False)]
     assert sorted(fetched) == sorted(SPLIT_NAMES)
     assert has_npz_form(out)
     with np.load(out / "images_background.npz") as archive:
@@ -245,7 +235,7 @@ def test_prepare_downloads_when_nothing_is_there(tmp_path, monkeypatch):
     assert load_omniglot(data_root, "vinyals", "val", tmp_path / "cache").num_classes == 2 * 4
 
 
-def test_fetch_split_url_and_timeout(monkeypatch):
+def test_fetch_split_url_and_timeout():
     seen = {}
 
     class Response(io.BytesIO):
@@ -256,8 +246,7 @@ def test_fetch_split_url_and_timeout(monkeypatch):
         seen.update(url=url, timeout=timeout)
         return Response(b"Greek/character01/rot000\n")
 
-    monkeypatch.setattr(omniglot_prepare.urllib.request, "urlopen", fake_urlopen)
-    assert omniglot_prepare.fetch_split("val") == "Greek/character01/rot000\n"
+    assert fetch_split("val", open_url=fake_urlopen) == "Greek/character01/rot000\n"
     assert seen["url"] == SPLITS_URL.format(name="val")
     assert seen["url"] == (
         "https://raw.githubusercontent.com/jakesnell/prototypical-networks/master/data/splits/vinyals/val.txt"
@@ -265,15 +254,14 @@ def test_fetch_split_url_and_timeout(monkeypatch):
     assert seen["timeout"] and seen["timeout"] > 0
 
 
-def test_offline_splits_give_a_clear_error(png_tree, monkeypatch, split_dir):
+def test_offline_splits_give_a_clear_error(png_tree, split_dir):
     data_root, _ = png_tree
 
     def offline(name):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(omniglot_prepare, "fetch_split", offline)
     with pytest.raises(UserError, match="--splits-from"):
-        prepare_omniglot(data_root)
+        prepare_omniglot(data_root, sources=OmniglotSources(download_images=fail, fetch_split=offline))
     out = data_root / "omniglot"
     assert has_npz_form(out)  # the conversion itself is kept
     assert not (out / "splits" / "vinyals" / "train.txt").exists()
@@ -282,13 +270,12 @@ def test_offline_splits_give_a_clear_error(png_tree, monkeypatch, split_dir):
     assert all((out / "splits" / "vinyals" / f"{n}.txt").is_file() for n in SPLIT_NAMES)
 
 
-def test_offline_download_gives_a_clear_error(tmp_path, monkeypatch):
-    def offline(root, background=True, download=False):
+def test_offline_download_gives_a_clear_error(tmp_path):
+    def offline(root, background):
         raise RuntimeError("Error downloading images_background.zip")
 
-    monkeypatch.setattr(torchvision.datasets, "Omniglot", offline)
     with pytest.raises(UserError, match="could not download Omniglot"):
-        prepare_omniglot(tmp_path / "data")
+        prepare_omniglot(tmp_path / "data", sources=OmniglotSources(download_images=offline, fetch_split=fail))
     with pytest.raises(UserError, match="Omniglot not found"):
         prepare_omniglot(tmp_path / "data", download=False)
 
@@ -321,33 +308,27 @@ def test_broken_trees_are_named(png_tree):
         read_png_tree(png_root, "background")
 
 
-def test_interrupted_write_leaves_no_complete_looking_form(png_tree, split_dir, monkeypatch):
+def test_interrupted_write_leaves_no_complete_looking_form(png_tree, split_dir):
     data_root, drawn = png_tree
     out = data_root / "omniglot"
-    real_read = omniglot_prepare.read_png_tree
-
-    def die_on_evaluation(folder, set_name):
-        if set_name == "evaluation":
-            raise KeyboardInterrupt
-        return real_read(folder, set_name)
-
-    monkeypatch.setattr(omniglot_prepare, "read_png_tree", die_on_evaluation)
-    with pytest.raises(KeyboardInterrupt):
+    # a conversion stopped after the background set (here by an unreadable evaluation image)
+    broken = next((data_root / "omniglot-py" / "images_evaluation").rglob("*.png"))
+    original = broken.read_bytes()
+    broken.write_bytes(original[:20])
+    with pytest.raises(UserError, match=broken.name):
         prepare_omniglot(data_root, download=False, splits_from=split_dir)
     assert (out / "images_background.npz").exists() and not has_npz_form(out)
 
-    def die_while_writing(stream, **arrays):
+    # a write stopped midway leaves neither the file nor its temporary
+    def die_while_writing(stream):
         stream.write(b"PK\x03\x04 half an archive")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(omniglot_prepare, "read_png_tree", real_read)
-    monkeypatch.setattr(omniglot_prepare.np, "savez_compressed", die_while_writing)
-    (out / "images_background.npz").unlink()
     with pytest.raises(KeyboardInterrupt):
-        prepare_omniglot(data_root, download=False, splits_from=split_dir)
-    assert not (out / "images_background.npz").exists() and _no_temp_files(data_root)
+        atomic_write(out / "images_evaluation.npz", die_while_writing)
+    assert not (out / "images_evaluation.npz").exists() and _no_temp_files(data_root)
 
-    monkeypatch.undo()
+    broken.write_bytes(original)
     prepare_omniglot(data_root, download=False, splits_from=split_dir)
     with np.load(out / "images_evaluation.npz") as archive:
         np.testing.assert_array_equal(archive["images"], drawn["evaluation"][0])
@@ -415,16 +396,16 @@ def test_real_omniglot_protocols(real_omniglot_root, real_cache_dir):
 
 
 @pytest.mark.real_data
-def test_real_omniglot_resize_is_cached(real_omniglot_root, real_cache_dir, monkeypatch):
+def test_real_omniglot_resize_is_cached(real_omniglot_root, real_cache_dir):
     load_omniglot(real_omniglot_root, "lake", "test", real_cache_dir)  # fills the cache if not yet done
-    assert len(list(real_cache_dir.glob("omniglot-*-28-*.pt"))) == 2
-
-    def no_resize(*args, **kwargs):
-        raise AssertionError("second load must come from the cache")
-
-    monkeypatch.setattr(omniglot, "_resize_set", no_resize)
+    cache_files = sorted(real_cache_dir.glob("omniglot-*-28-*.pt"))
+    assert len(cache_files) == 2
+    stamps = [(p.stat().st_ino, p.stat().st_mtime_ns) for p in cache_files]
     data = load_omniglot(real_omniglot_root, "vinyals", "train", real_cache_dir)
     assert data.num_classes == 4112
+    # served from those files: a miss would have resized again and written a new cache file
+    assert sorted(real_cache_dir.glob("omniglot-*-28-*.pt")) == cache_files
+    assert [(p.stat().st_ino, p.stat().st_mtime_ns) for p in cache_files] == stamps
 
 
 def test_cli_prepare_converts_offline(png_tree, split_dir, cache_dir, capsys):
@@ -438,5 +419,3 @@ def test_cli_prepare_converts_offline(png_tree, split_dir, cache_dir, capsys):
     assert "omniglot ready in" in capsys.readouterr().out
     lake = load_split("omniglot", "test", "lake", data_root)
     assert lake.num_classes > 0 and lake.images.shape[1:] == (1, 28, 28)
-    assert run(["data", "prepare", "miniimagenet", "--data-root", str(data_root)]) == 2
-    assert "pass --source DIR" in capsys.readouterr().err

@@ -81,6 +81,7 @@ def write_uniform(path: Path, colour: tuple[int, int, int], height: int, width: 
 def test_an_image_folder_reads_every_image_once_labelled_and_coloured_as_written(tree) -> None:
     with scratch() as tmp:
         expected: list[tuple[int, tuple[int, ...], int]] = []  # (label, colour, tolerance) in reading order
+        modes = {spec[3] for specs in tree.values() for spec in specs}
         for label, name in enumerate(sorted(tree)):
             folder = tmp / "data" / "train" / name
             folder.mkdir(parents=True)
@@ -92,7 +93,7 @@ def test_an_image_folder_reads_every_image_once_labelled_and_coloured_as_written
 
     assert data.class_names == tuple(sorted(tree))
     assert data.labels.tolist() == [label for label, _, _ in expected]
-    gray = all(len(set(colour)) == 1 for _, colour, _ in expected) and data.images.shape[1] == 1
+    gray = modes == {"L"}  # one channel only when every image is grayscale; colour images make it three
     assert data.images.shape == (len(expected), 1 if gray else 3, SIZE, SIZE)
     for image, (_, colour, tolerance) in zip(data.images, expected):
         want = torch.tensor(colour[:1] if gray else colour).view(-1, 1, 1)

@@ -164,6 +164,12 @@ def test_provenance_is_clean_only_when_every_session_and_the_evaluation_were_com
     assert provenance(eval_dirty, sessions) == expected
 
 
+def test_rows_from_before_git_dirty_existed_read_as_unverified(tmp_path):
+    path = tmp_path / "board.csv"
+    pd.DataFrame([{"method": "protonet", "dataset": "omniglot", "acc": 0.9}]).to_csv(path, index=False)
+    assert leaderboard.read(path)["provenance"].tolist() == ["unverified"]
+
+
 def test_old_rows_are_marked_unverified_or_dirty_and_the_mark_is_written_back(tmp_path):
     path = tmp_path / "board.csv"
     old = pd.DataFrame([row(0.9, git_commit="aaa1111"), row(0.8, git_commit="bbb2222", git_dirty=True),
@@ -174,3 +180,8 @@ def test_old_rows_are_marked_unverified_or_dirty_and_the_mark_is_written_back(tm
     on_disk = pd.read_csv(path)
     assert on_disk["provenance"].tolist() == ["unverified", "dirty", "unverified", "clean"]
     assert "provenance" in leaderboard.render(leaderboard.ranked(leaderboard.read(path)), "csv").splitlines()[0]
+
+    old.to_csv(path, index=False)
+    leaderboard.mark_provenance(path)  # without a new row
+    assert pd.read_csv(path)["provenance"].tolist() == ["unverified", "dirty", "unverified"]
+    assert "provenance" not in pd.read_csv(leaderboard.backup_path(path)).columns

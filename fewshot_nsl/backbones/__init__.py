@@ -35,6 +35,7 @@ def build_backbone(
     plain_stem: bool = False,
     drop_rate: float = 0.0,
     generator: torch.Generator | None = None,
+    conv4_downsample: str = "maxpool",
 ) -> nn.Module:
     """Build a backbone by name; ``similarity`` defaults as in ``resolve_similarity``.
 
@@ -44,7 +45,7 @@ def build_backbone(
     if name.startswith("nsl-") == (similarity.kind == "conv"):
         raise UserError(f"backbone {name} does not match similarity {similarity.label}")
     if name.endswith("conv4"):
-        return Conv4(image_shape, width=width, similarity=similarity, plain_stem=plain_stem)
+        return Conv4(image_shape, width=width, similarity=similarity, plain_stem=plain_stem, downsample=conv4_downsample)
     widths = NARROW_WIDTHS if name.endswith("resnet12-512") else WIDTHS
     return ResNet12(image_shape, similarity=similarity, widths=widths, drop_rate=drop_rate, generator=generator)
 

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from fewshot_nsl.data.miniimagenet import prepare_miniimagenet
+from fewshot_nsl.data.miniimagenet_download import ACCEPTED, download_miniimagenet, has_every_split
 from fewshot_nsl.data.omniglot_prepare import prepare_omniglot
 from fewshot_nsl.data.roots import data_root
 from fewshot_nsl.errors import UserError
@@ -13,12 +14,12 @@ from fewshot_nsl.errors import UserError
 
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("data", help="prepare datasets", description=__doc__)
-    parser.add_argument("action", choices=("prepare",), help="prepare: download (Omniglot) or import (Mini-ImageNet)")
+    parser.add_argument("action", choices=("prepare",), help="prepare: download and convert, or check and link --source")
     parser.add_argument("dataset", choices=("omniglot", "miniimagenet"), help="which dataset")
     parser.add_argument("--data-root", help="target folder (default $FEWSHOT_NSL_DATA or ~/.cache/fewshot-nsl/data)")
-    parser.add_argument("--source", type=Path, help="Mini-ImageNet: your copy (split folders or images/ + CSVs)")
+    parser.add_argument("--source", type=Path, help="Mini-ImageNet: your copy (split folders, images/ + CSVs, or the pickle caches) instead of downloading")
     parser.add_argument("--splits-from", type=Path, help="Omniglot: folder with the Vinyals split .txt files (when offline)")
-    parser.add_argument("--no-download", action="store_true", help="Omniglot: only convert files already present")
+    parser.add_argument("--no-download", action="store_true", help="only use files already present")
     parser.set_defaults(handler=handle)
 
 
@@ -27,7 +28,12 @@ def handle(args: argparse.Namespace) -> None:
     if args.dataset == "omniglot":
         folder = prepare_omniglot(root, download=not args.no_download, splits_from=args.splits_from)
     else:
-        if args.source is None:
-            raise UserError("Mini-ImageNet cannot be downloaded by script; pass --source DIR with your copy")
-        folder = prepare_miniimagenet(args.source, root)
+        if args.source is not None:
+            folder = prepare_miniimagenet(args.source, root)
+        elif args.no_download:
+            if not has_every_split(root / "miniimagenet"):
+                raise UserError(f"no Mini-ImageNet in {root / 'miniimagenet'} and --no-download; accepted formats: {ACCEPTED}")
+            folder = root / "miniimagenet"
+        else:
+            folder = download_miniimagenet(root)
     print(f"{args.dataset} ready in {folder}")

@@ -21,12 +21,18 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--group-by", action="append", default=[], metavar="COLUMN",
                         help="also rank within groups of this column (e.g. similarity, config_hash); repeatable")
     parser.add_argument("--plot", type=Path, help="also draw accuracies with CI error bars to this PNG")
+    parser.add_argument("--mark-provenance", action="store_true",
+                        help="write the provenance column (clean/dirty/unverified) into the CSV for rows that predate it")
     parser.set_defaults(handler=handle)
 
 
 def handle(args: argparse.Namespace) -> None:
     if not args.csv.exists():
         raise UserError(f"no leaderboard at {args.csv}; evaluate a run first (`fewshot-nsl eval --run-dir ...`) or pass --csv")
+    if args.mark_provenance:
+        marked = leaderboard.mark_provenance(args.csv)
+        counts = marked["provenance"].value_counts().to_dict()
+        print(f"{args.csv}: provenance written ({', '.join(f'{n} {k}' for k, n in sorted(counts.items()))})")
     where = dict(_pair(item) for item in args.where)
     where |= {k: v for k, v in (("dataset", args.dataset), ("ways", args.ways), ("shots", args.shots)) if v is not None}
     table = leaderboard.ranked(leaderboard.read(args.csv), where, args.group_by)

@@ -80,6 +80,7 @@ OPTIONS: list[tuple[str, object, str]] = [
     ("--skip-nonfinite", "store_true", "skip and count meta-batches whose loss is NaN/Inf instead of stopping"),
     ("--seed", int, "seed of every generator of the run (default 0)"),
     ("--device", str, "auto, cpu or cuda (default auto)"),
+    ("--amp", _flag, "automatic mixed precision, true/false (default false): bfloat16 autocast for training steps, a GPU speed option; weights and evaluation stay float32"),
     ("--channels-last", _flag, "channels_last memory format: true/false (default true, false for MAML)"),
     ("--run-dir", str, "where config, checkpoints and metrics.csv go (default runs/<method>-<backbone>-...)"),
 ]

@@ -7,7 +7,7 @@ transformed inside ``torch.random.fork_rng`` with the global generator seeded fr
 the run's own augmentation ``torch.Generator``: results depend only on that
 generator, and the global state is left as it was. Images are transformed one by
 one (each gets its own crop, flip and jitter) within that one seeded block per
-episode; ``benchmarks/augmentation.py`` measures the cost against a training step.
+episode; ``benchmarks/data_pipeline.py`` measures the cost against a training step.
 Evaluation never augments.
 """
 

@@ -20,6 +20,8 @@ import torch
 from fewshot_nsl.errors import UserError
 
 SPLITS = ("train", "val", "test")
+MIN_RATIO = 1e-3
+RATIO_DIGITS = ".12g"  # protocol names keep 12 significant digits: the ratios read back still sum to 1
 _PROTOCOL = re.compile(r"classes-([0-9.]+)-([0-9.]+)-([0-9.]+)-seed([0-9]+)")
 
 
@@ -31,6 +33,8 @@ class ClassSplit:
     def __post_init__(self) -> None:
         if len(self.ratios) != 3 or any(not math.isfinite(r) or r <= 0 for r in self.ratios):
             raise UserError(f"--split-ratios needs three positive fractions (train,val,test), got {self.ratios}")
+        if min(self.ratios) < MIN_RATIO:
+            raise UserError(f"--split-ratios: each fraction must be at least {MIN_RATIO}, got {self.ratios}")
         if abs(sum(self.ratios) - 1) > 1e-6:
             raise UserError(f"--split-ratios must sum to 1, got {'+'.join(f'{r:g}' for r in self.ratios)} = {sum(self.ratios):g}")
         if self.seed < 0:
@@ -47,7 +51,7 @@ class ClassSplit:
 
     @property
     def protocol(self) -> str:
-        return "classes-" + "-".join(f"{r:g}" for r in self.ratios) + f"-seed{self.seed}"
+        return "classes-" + "-".join(format(r, RATIO_DIGITS) for r in self.ratios) + f"-seed{self.seed}"
 
     @classmethod
     def from_protocol(cls, protocol: str) -> "ClassSplit | None":

@@ -76,9 +76,14 @@ class ImageClassSet:
 
     def to_float(self, images: torch.Tensor) -> torch.Tensor:
         """Scale uint8 images to [0, 1] and standardise them per channel."""
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1)
-        return (images.float().div_(255.0) - mean) / std
+        return standardise(images, self.mean, self.std)
+
+
+def standardise(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 (B, C, H, W) → float: scaled to [0, 1], minus ``mean``, divided by ``std`` per channel."""
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return (images.float().div_(255.0) - mean_t) / std_t
 
 
 def union(first: ImageClassSet, second: ImageClassSet) -> ImageClassSet:

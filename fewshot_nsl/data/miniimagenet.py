@@ -112,7 +112,7 @@ def _csv_listing(folder: Path, split: str, csv_path: Path) -> SplitListing:
     return SplitListing(split, "csv", csv_path, names, files)
 
 
-def _find_split(folder: Path, split: str) -> SplitListing | None:
+def find_split(folder: Path, split: str) -> SplitListing | None:
     if (folder / split).is_dir():
         return _folder_listing(folder, split)
     if (folder / "images").is_dir():
@@ -142,22 +142,22 @@ def list_split(folder: Path, split: str) -> SplitListing:
     """Find one split's files in either layout, or raise a ``UserError`` that says what was expected."""
     if split not in SPLITS:
         raise UserError(f"Mini-ImageNet has no {split!r} split; it has {', '.join(SPLITS)}")
-    listing = _find_split(folder, split)
+    listing = find_split(folder, split)
     if listing is not None:
         return listing
     where = "does not exist" if not folder.is_dir() else _unrecognised(folder, split)
     raise UserError(
         f"Mini-ImageNet {split} split not found: {folder} {where}. Expected {folder}/{split}/<wnid>/*.jpg, or "
         f"{folder}/images/ plus {folder}/splits/ravi/{split}.csv (or {folder}/{split}.csv), or "
-        f"{pickle_cache_path(folder, split).name} (pickle cache). Mini-ImageNet cannot "
-        f"be downloaded by script: get a copy, then `fewshot-nsl data prepare miniimagenet --source DIR` "
-        f"(or point --data-root / FEWSHOT_NSL_DATA at the folder holding miniimagenet/)"
+        f"{pickle_cache_path(folder, split).name} (pickle cache). Run `fewshot-nsl data prepare miniimagenet` "
+        f"(downloads the pickle caches), or with your own copy `... --source DIR`, or point --data-root / "
+        f"FEWSHOT_NSL_DATA at the folder holding miniimagenet/"
     )
 
 
 def describe_miniimagenet(folder: Path) -> dict[str, SplitListing]:
     """Listings of the splits present in ``folder``; checks class counts and disjoint classes."""
-    found = {split: _find_split(folder, split) for split in SPLITS}
+    found = {split: find_split(folder, split) for split in SPLITS}
     listings = {split: listing for split, listing in found.items() if listing is not None}
     if not listings:
         raise UserError(
@@ -217,7 +217,7 @@ def read_pickle_cache(path: Path, image_size: int) -> dict[str, torch.Tensor | t
 def load_miniimagenet(data_root: Path, split: str, cache_dir: Path, image_size: int = 84) -> ImageClassSet:
     """One Ravi split of Mini-ImageNet as an ``ImageClassSet`` (decoded once, then cached)."""
     folder = Path(data_root) / "miniimagenet"
-    if split in PICKLE_SPLIT_NAMES and _find_split(folder, split) is None and pickle_cache_path(folder, split).is_file():
+    if split in PICKLE_SPLIT_NAMES and find_split(folder, split) is None and pickle_cache_path(folder, split).is_file():
         path = pickle_cache_path(folder, split)
         tensors = read_pickle_cache(path, image_size)
         return ImageClassSet(
@@ -243,15 +243,21 @@ def load_miniimagenet(data_root: Path, split: str, cache_dir: Path, image_size: 
 def prepare_miniimagenet(source: Path, data_root: Path) -> Path:
     """Check a user's Mini-ImageNet copy and make it ``<data_root>/miniimagenet`` (a symbolic link).
 
-    Mini-ImageNet cannot be downloaded legally by script; this validates the
-    layout (see the module docstring), the Ravi class counts and that the
-    splits share no class, then links. Returns ``<data_root>/miniimagenet``.
-    ``describe_miniimagenet`` gives per-split counts for a summary.
+    Validates the layout (see the module docstring), the Ravi class counts and
+    that the splits share no class, then links. Returns ``<data_root>/miniimagenet``.
+    ``describe_miniimagenet`` gives per-split counts for a summary; a copy that
+    is only the three pickle caches is checked by reading them.
     """
     source = Path(source).expanduser()
     if not source.is_dir():
         raise UserError(f"Mini-ImageNet source {source} is not a folder")
-    describe_miniimagenet(source)
+    if all(find_split(source, split) is None and pickle_cache_path(source, split).is_file() for split in SPLITS):
+        for split in SPLITS:
+            classes = read_pickle_cache(pickle_cache_path(source, split), image_size=84)["class_names"]
+            if len(classes) != RAVI_CLASSES[split]:
+                raise UserError(f"{pickle_cache_path(source, split)} has {len(classes)} classes; the Ravi {split} split has {RAVI_CLASSES[split]}")
+    else:
+        describe_miniimagenet(source)
     target = Path(data_root).expanduser() / "miniimagenet"
     if target.exists() or target.is_symlink():
         if target.resolve() == source.resolve():

@@ -42,7 +42,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 
@@ -166,7 +166,7 @@ def read_png_tree(folder: Path, set_name: str) -> tuple[np.ndarray, list[Charact
 # ---------------------------------------------------------------- writing
 
 
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """Write ``path`` through a temporary file in the same folder and ``os.replace``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -186,13 +186,13 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
 
 
 def _write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda stream: stream.write(text.encode("utf-8")))
+    atomic_write(path, lambda stream: stream.write(text.encode("utf-8")))
 
 
 def write_npz(path: Path, images: np.ndarray) -> None:
     """``images`` bool (characters, 20, 105, 105) and ``labels`` int64 (characters, 20) = row index."""
     labels = np.repeat(np.arange(images.shape[0], dtype=np.int64)[:, None], images.shape[1], axis=1)
-    _atomic_write(path, lambda stream: np.savez_compressed(stream, images=images, labels=labels))
+    atomic_write(path, lambda stream: np.savez_compressed(stream, images=images, labels=labels))
 
 
 def write_characters(path: Path, rows: list[CharacterRow]) -> None:
@@ -243,13 +243,18 @@ def _has_png_tree(png_root: Path) -> bool:
     return all(set_folder(png_root, s).is_dir() for s in SETS)
 
 
-def download_png_tree(root: Path) -> Path:
-    """Download and unpack both official zips via ``torchvision.datasets.Omniglot``; returns ``root/omniglot-py``."""
+def torchvision_download(root: Path, background: bool) -> None:
+    """One official zip (background or evaluation set), downloaded and unpacked into ``root/omniglot-py``."""
     from torchvision import datasets
 
+    datasets.Omniglot(str(root), background=background, download=True)
+
+
+def download_png_tree(root: Path, sources: OmniglotSources) -> Path:
+    """Download and unpack both official zips; returns ``root/omniglot-py``."""
     for background in (True, False):
         try:
-            datasets.Omniglot(str(root), background=background, download=True)
+            sources.download_images(root, background)
         except (OSError, RuntimeError, http.client.HTTPException) as exc:
             raise UserError(
                 f"could not download Omniglot ({type(exc).__name__}: {exc}). Offline? Put the official "
@@ -259,7 +264,7 @@ def download_png_tree(root: Path) -> Path:
     return root / PNG_FOLDER
 
 
-def _png_source(data_root: Path, png_root: Path | None, download: bool) -> Path:
+def _png_source(data_root: Path, png_root: Path | None, download: bool, sources: OmniglotSources) -> Path:
     if png_root is not None:
         png_root = Path(png_root).expanduser()
         if png_root.is_dir():
@@ -277,16 +282,26 @@ def _png_source(data_root: Path, png_root: Path | None, download: bool) -> Path:
             f"Omniglot not found: no npz form in {data_root / 'omniglot'} and no PNG folders in {default}; "
             f"allow the download, or put images_background/ and images_evaluation/ (or the zips) in {default}"
         )
-    return download_png_tree(data_root)
+    return download_png_tree(data_root, sources)
 
 
 # ---------------------------------------------------------------- Vinyals split files
 
 
-def fetch_split(name: str, timeout: float = DOWNLOAD_TIMEOUT_S) -> str:
+def fetch_split(name: str, timeout: float = DOWNLOAD_TIMEOUT_S, open_url: Callable[..., Any] = urllib.request.urlopen) -> str:
     """The text of one Vinyals split file from the prototypical-networks repository."""
-    with urllib.request.urlopen(SPLITS_URL.format(name=name), timeout=timeout) as response:
+    with open_url(SPLITS_URL.format(name=name), timeout=timeout) as response:
         return response.read().decode("utf-8")
+
+
+@dataclass(frozen=True)
+class OmniglotSources:
+    """Where missing pieces come from: the official zips (``download_images(root, background)``)
+    and the Vinyals split files (``fetch_split(name) -> text``). Tests pass stand-ins, so every
+    path but the network itself is exercised."""
+
+    download_images: Callable[[Path, bool], None] = torchvision_download
+    fetch_split: Callable[[str], str] = fetch_split
 
 
 def validate_split(text: str, origin: str, known: set[tuple[str, str]]) -> str:
@@ -303,7 +318,9 @@ def validate_split(text: str, origin: str, known: set[tuple[str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def prepare_splits(out: Path, splits_from: Path | None = None, download: bool = True) -> None:
+def prepare_splits(
+    out: Path, splits_from: Path | None = None, download: bool = True, sources: OmniglotSources = OmniglotSources()
+) -> None:
     """Write the missing ``splits/vinyals/*.txt`` files, from ``splits_from`` or downloaded."""
     target = out / "splits" / "vinyals"
     missing = [name for name in SPLIT_NAMES if not (target / f"{name}.txt").is_file()]
@@ -325,7 +342,7 @@ def prepare_splits(out: Path, splits_from: Path | None = None, download: bool = 
         if not download:
             raise UserError(f"the Vinyals split files are missing from {target}; {how}")
         try:
-            text = fetch_split(name)
+            text = sources.fetch_split(name)
         except (OSError, http.client.HTTPException, UnicodeDecodeError) as exc:
             reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
             raise UserError(
@@ -344,6 +361,7 @@ def prepare_omniglot(
     download: bool = True,
     png_root: Path | None = None,
     splits_from: Path | None = None,
+    sources: OmniglotSources = OmniglotSources(),
 ) -> Path:
     """Make ``<data_root>/omniglot`` complete; returns that folder.
 
@@ -354,11 +372,12 @@ def prepare_omniglot(
       ``<data_root>/omniglot-py`` first.
 
     Split files come from ``splits_from`` (a folder with ``train.txt`` ...)
-    when given, else from the prototypical-networks repository.
+    when given, else from the prototypical-networks repository. ``sources``
+    says how to download (see ``OmniglotSources``).
     """
     data_root = Path(data_root).expanduser()
     out = data_root / "omniglot"
     if not has_npz_form(out):
-        convert_png_tree(_png_source(data_root, png_root, download), out)
-    prepare_splits(out, splits_from, download)
+        convert_png_tree(_png_source(data_root, png_root, download, sources), out)
+    prepare_splits(out, splits_from, download, sources)
     return out

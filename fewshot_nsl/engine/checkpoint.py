@@ -16,6 +16,7 @@ import os
 import pickle
 import random
 import shutil
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ import torch
 import yaml
 
 import fewshot_nsl
-from fewshot_nsl.config import RunConfig, save_config
+from fewshot_nsl.config import LEGACY_VALUES, RunConfig, save_config
 from fewshot_nsl.errors import UserError
 
 CONFIG_FILE = "config.yaml"
@@ -33,7 +34,7 @@ SUMMARY_FILE = "train_summary.json"
 METRICS_FILE = "metrics.csv"
 BEST, LAST = "best.pt", "last.pt"
 # Config keys that decide the model's parameters: a checkpoint and config.yaml must agree on them.
-MODEL_KEYS = ("method", "backbone", "similarity", "nsl_form", "nsl_hidden", "width", "plain_stem", "distance",
+MODEL_KEYS = ("method", "backbone", "similarity", "nsl_form", "nsl_hidden", "width", "plain_stem", "conv4_downsample", "distance",
               "head", "ways", "meta_sgd", "lslr", "per_step_bn", "inner_steps")  # fmt: skip
 
 
@@ -97,8 +98,10 @@ def _tuples(value: Any) -> Any:
     return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def checkpoint_metadata(config: RunConfig) -> dict[str, Any]:
-    return {"config": config.to_dict(), "version": fewshot_nsl.__version__}
+def checkpoint_metadata(config: RunConfig, image_shape: tuple[int, int, int]) -> dict[str, Any]:
+    """What a checkpoint carries besides weights: the resolved config, the package version and the
+    (C, H, W) of the images the model was built for (so it can be rebuilt without reading data)."""
+    return {"config": config.to_dict(), "version": fewshot_nsl.__version__, "image_shape": list(image_shape)}
 
 
 def prepare_run_dir(run_dir: Path, config: RunConfig, overwrite: bool) -> Path | None:
@@ -128,23 +131,37 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
 def read_config(run_dir: Path) -> RunConfig:
     if not (run_dir / CONFIG_FILE).exists():
         raise UserError(f"{run_dir} has no {CONFIG_FILE}; train into it first with `fewshot-nsl train --run-dir {run_dir}`")
-    return RunConfig().updated(yaml.safe_load((run_dir / CONFIG_FILE).read_text()) or {})
+    saved = yaml.safe_load((run_dir / CONFIG_FILE).read_text()) or {}
+    return RunConfig().updated({**LEGACY_VALUES, **saved})
 
 
-def load_run(run_dir: Path, which: str = "best") -> tuple[RunConfig, dict[str, torch.Tensor], dict[str, Any]]:
-    """Config, model state and training summary of a finished run."""
+@dataclass(frozen=True)
+class RunRecord:
+    """What a finished run directory holds: its config, a checkpoint's weights, the training summary,
+    and the (C, H, W) of the images the model was built for (None for checkpoints older than that)."""
+
+    config: RunConfig
+    model_state: dict[str, torch.Tensor]
+    summary: dict[str, Any]
+    image_shape: tuple[int, int, int] | None
+
+
+def load_run(run_dir: Path, which: str = "best") -> RunRecord:
+    """A finished run, checked: the checkpoint must have been trained as the model the config builds."""
     checkpoint = run_dir / (BEST if which == "best" else LAST)
     if not (run_dir / CONFIG_FILE).exists() or not checkpoint.exists():
         raise UserError(f"{run_dir} has no {CONFIG_FILE} and {checkpoint.name}; train into it first with `fewshot-nsl train --run-dir {run_dir}`")
     config = read_config(run_dir)
     state = load_checkpoint(checkpoint)
+    trained_as = {**LEGACY_VALUES, **state.get("config", {})}
     differs = [
-        f"{key} {state['config'].get(key)!r} in {checkpoint.name} vs {getattr(config, key)!r} in {CONFIG_FILE}"
+        f"{key} {trained_as.get(key)!r} in {checkpoint.name} vs {getattr(config, key)!r} in {CONFIG_FILE}"
         for key in MODEL_KEYS
-        if "config" in state and state["config"].get(key) != getattr(config, key)
+        if "config" in state and trained_as.get(key) != getattr(config, key)
     ]
     if differs:
         raise UserError(f"{checkpoint} was trained as another model: {'; '.join(differs)}")
     summary_path = run_dir / SUMMARY_FILE
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    return config, state["model"], summary
+    shape = tuple(state["image_shape"]) if "image_shape" in state else None
+    return RunRecord(config, state["model"], summary, shape)  # type: ignore[arg-type]

@@ -135,7 +135,8 @@ def for_inference(learner: FewShotLearner) -> FewShotLearner:
 
 def evaluate_run(request: EvalRequest) -> tuple[Summary, dict]:
     """Evaluate a trained run on fixed test episodes and append the result to the leaderboard."""
-    config, state, train_summary = load_run(request.run_dir, request.checkpoint)
+    record = load_run(request.run_dir, request.checkpoint)
+    config, state, train_summary = record.config, record.model_state, record.summary
     device = resolve_device(request.device)
     layout = memory_format(bool(config.channels_last))
     test_set = load_split(config.dataset, "test", config.protocol, request.data_root or config.data_root, config.image_size)

@@ -178,13 +178,11 @@ def _run(config: RunConfig, run_dir: Path, data: _Data, state: dict | None, prog
     def checkpoint() -> None:
         save_atomically(
             {"model": learner.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-             "random": random_state(generators), "progress": asdict(done), **checkpoint_metadata(config)},
+             "random": random_state(generators), "progress": asdict(done), **checkpoint_metadata(config, data.train_set.image_shape)},
             run_dir / LAST,
         )  # fmt: skip
 
-    code = session_label()
-    if not done.sessions or done.sessions[-1] != code:
-        done.sessions.append(code)
+    done.sessions.append(session_label())  # this session: the start, or a resume
     started = time.perf_counter() - done.seconds
     fresh = state is None
     with open(run_dir / METRICS_FILE, "w" if fresh else "a", newline="") as handle, _StopSignals() as stop:
@@ -201,7 +199,8 @@ def _run(config: RunConfig, run_dir: Path, data: _Data, state: dict | None, prog
             learner.set_iteration(iteration - 1)
             batch = [sampler.sample().to(device, layout) for _ in range(config.meta_batch)]
             optimizer.zero_grad(set_to_none=True)
-            result = learner.backward_batch(batch)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp):
+                result = learner.backward_batch(batch)
             penalty = regularisation(learner)
             if isinstance(penalty, torch.Tensor) and penalty.requires_grad:  # e.g. full static NSL's pull toward I
                 penalty.backward()
@@ -235,7 +234,7 @@ def _run(config: RunConfig, run_dir: Path, data: _Data, state: dict | None, prog
                 if done.best_acc is None or summary.mean > done.best_acc:
                     done.best_acc = summary.mean
                     save_atomically({"model": learner.state_dict(), "iteration": iteration, "val_acc": done.best_acc,
-                                     **checkpoint_metadata(config)}, run_dir / BEST)  # fmt: skip
+                                     **checkpoint_metadata(config, data.train_set.image_shape)}, run_dir / BEST)  # fmt: skip
                 bar.write(f"iteration {iteration}: val {summary}" + (" (best)" if done.best_acc == summary.mean else ""))
             done.seconds = time.perf_counter() - started
             if iteration % config.checkpoint_every == 0 or iteration == config.episodes:
@@ -248,7 +247,7 @@ def _run(config: RunConfig, run_dir: Path, data: _Data, state: dict | None, prog
                 )
     if data.val_manifest is None:
         save_atomically({"model": learner.state_dict(), "iteration": config.episodes, "val_acc": None,
-                         **checkpoint_metadata(config)}, run_dir / BEST)  # fmt: skip
+                         **checkpoint_metadata(config, data.train_set.image_shape)}, run_dir / BEST)  # fmt: skip
     write_summary(
         run_dir,
         {"iterations": config.episodes, "train_seconds": round(done.seconds, 1), "best_val_acc": done.best_acc,

@@ -29,10 +29,11 @@ def maml_plus_plus(config: RunConfig) -> MAMLPlusPlus:
 def recipe_columns(config: RunConfig) -> dict[str, object]:
     """What tells two trainings apart beyond method and backbone: the leaderboard records all of it.
 
-    ``recipe`` is a readable summary, e.g. ``5w1s1q mb32 6000it learned-head 1/3 steps a=0.4 mean-loss
-    second-order`` (``train+val``, MAML++ switches and ``ca`` for a cosine meta learning rate appended
-    when used); ``config_hash`` fingerprints every recipe field (all but seed, paths and device), so no
-    two different recipes share it.
+    ``recipe`` is a readable summary, e.g. ``5w1s1q mb32 6000it strided-conv4 learned-head(normal) 1/3
+    steps a=0.4 mean-loss second-order [e27e8bfc32db]`` (``train+val``, augmentation, MAML++ switches and
+    ``ca`` for a cosine meta learning rate appended when used), ending with ``config_hash``, which
+    fingerprints every recipe field (all but seed, paths and device), so no two different recipes share
+    a label.
     """
     columns: dict[str, object] = {
         "train_ways": config.ways, "train_shots": config.shots, "train_queries": config.queries,
@@ -41,24 +42,31 @@ def recipe_columns(config: RunConfig) -> dict[str, object]:
         "nsl_form": config.nsl_form if config.backbone.startswith("nsl-") else None,
         "nsl_hidden": config.nsl_hidden if config.similarity == "dynamic" else None,
         "augmentation": augmentation_label(config),
+        "conv4_downsample": config.conv4_downsample if config.backbone.endswith("conv4") else None,
         "config_hash": recipe_hash(config),
     }  # fmt: skip
     label = f"{config.ways}w{config.shots}s{config.queries}q mb{config.meta_batch} {config.episodes}it"
     label += " train+val" if config.train_on_val else ""
+    label += " strided-conv4" if config.conv4_downsample == "stride" and config.backbone.endswith("conv4") else ""
     label += f" aug:{columns['augmentation']}" if config.augment else ""
+    label += " amp-bf16" if config.amp else ""
     if config.method == "maml":
         order = "first" if config.first_order else "second"
         switches = list(maml_plus_plus(config).enabled()) + (["ca"] if config.lr_schedule == "cosine" else [])
         columns |= {
-            "maml_head": config.head, "inner_steps": config.inner_steps, "eval_inner_steps": config.eval_inner_steps,
+            "maml_head": config.head, "maml_head_init": config.head_init if config.head == "learned" else None,
+            "inner_steps": config.inner_steps, "eval_inner_steps": config.eval_inner_steps,
             "inner_lr": config.inner_lr, "inner_loss": config.inner_loss, "maml_order": order,
             "maml_plus_plus": "+".join(switches) or "none",
         }  # fmt: skip
-        label += f" {config.head}-head {config.inner_steps}/{config.eval_inner_steps} steps a={config.inner_lr}"
+        head = f"{config.head}-head" + (f"({config.head_init})" if config.head == "learned" else "")
+        label += f" {head} {config.inner_steps}/{config.eval_inner_steps} steps a={config.inner_lr}"
         label += f" {config.inner_loss}-loss {order}-order"
         label += "".join(f" {flag}" for flag, on in (("meta-sgd", config.meta_sgd), ("anil", config.anil)) if on)
         label += f" maml++:{'+'.join(switches)}" if switches else ""
-    return columns | {"recipe": label}
+    # The hash settles what the readable part leaves out (learning rate, schedule, NSL width ...):
+    # two different recipes never share a label.
+    return columns | {"recipe": f"{label} [{columns['config_hash']}]"}
 
 
 def augmentation_label(config: RunConfig) -> str:
@@ -69,15 +77,19 @@ def augmentation_label(config: RunConfig) -> str:
 
 
 NOT_RECIPE = ("seed", "run_dir", "data_root", "device", "val_every", "val_episodes", "checkpoint_every")
-# Fields added after config hashes were first recorded: left out while at their defaults, so a recipe
-# that does not use them keeps the hash it had (augmentation settings count only with augment on).
-LATER_FIELDS = {"split_ratios": None, "split_seed": 0, "val_queries": None, "augment": False}
+# Fields added after config hashes were first recorded: left out while at the values that reproduce
+# what was trained before them, so such a recipe keeps the hash it had (augmentation settings count
+# only with augment on).
+LATER_FIELDS = {
+    "split_ratios": (None,), "split_seed": (0,), "val_queries": (None,), "augment": (False,), "amp": (False,),
+    "conv4_downsample": (None, "maxpool"), "head_init": (None, "uniform"),
+}  # fmt: skip
 AUGMENT_SETTINGS = ("augment_crop_scale", "augment_jitter", "augment_flip")
 
 
 def recipe_hash(config: RunConfig) -> str:
     """A short fingerprint of everything in a resolved config that changes what is trained."""
-    omitted = set(NOT_RECIPE) | {key for key, default in LATER_FIELDS.items() if getattr(config, key) == default}
+    omitted = set(NOT_RECIPE) | {key for key, earlier in LATER_FIELDS.items() if getattr(config, key) in earlier}
     omitted |= set(AUGMENT_SETTINGS) if not config.augment else set()
     fields = {key: value for key, value in sorted(config.to_dict().items()) if key not in omitted}
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -93,6 +105,7 @@ def build_learner(config: RunConfig, image_shape: tuple[int, int, int]) -> FewSh
         width=config.width or 64,
         plain_stem=config.plain_stem,
         drop_rate=config.drop_rate,
+        conv4_downsample=config.conv4_downsample or "maxpool",
     )
     if config.method == "protonet":
         return ProtoNet(backbone, distance=config.distance)
@@ -105,6 +118,7 @@ def build_learner(config: RunConfig, image_shape: tuple[int, int, int]) -> FewSh
         meta_sgd=config.meta_sgd,
         anil=config.anil,
         head=config.head,
+        head_init=config.head_init or "uniform",
         ways=config.ways,
         vectorise=bool(config.vectorise),
         inner_loss=config.inner_loss,

@@ -42,6 +42,7 @@ HEADS = ("learned", "zero")
 # divided by the shots and summed (cbfinn/maml utils.py xent, maml.py tf.gradients),
 # i.e. ways x the mean: the same inner_lr is a ways-times larger step.
 INNER_LOSSES = ("mean", "tf-sum")
+HEAD_INITS = ("uniform", "normal", "xavier")
 BACKBONE = "backbone."
 HEAD_WEIGHT = "head.weight"
 HEAD_BIAS = "head.bias"
@@ -151,7 +152,11 @@ class MAML(FewShotLearner):
 
     Heads. ``"learned"`` is Finn et al.'s: a meta-learned ``(ways, D)``
     linear layer, adapted with the backbone, so every episode must have
-    that many ways. ``"zero"`` is Kao et al.'s zeroing trick (ICLR 2022):
+    that many ways; ``head_init`` draws its initial weight: ``"uniform"``
+    (PyTorch's ``nn.Linear`` default, bound 1/sqrt(D)), ``"normal"`` (N(0, 1),
+    Finn et al.'s Omniglot code) or ``"xavier"`` (Glorot's uniform, their
+    Mini-ImageNet code); the bias starts at zero except with ``"uniform"``.
+    ``"zero"`` is Kao et al.'s zeroing trick (ICLR 2022):
     every task starts from a zero weight and bias of the episode's own
     ``ways`` (so training and test ways may differ). Caveat: with a zero
     head the first inner step gives the backbone a zero gradient (the loss
@@ -188,10 +193,13 @@ class MAML(FewShotLearner):
         inner_loss: str = "mean",
         plus_plus: MAMLPlusPlus = MAMLPlusPlus(),
         generator: torch.Generator | None = None,
+        head_init: str = "uniform",
     ):
         _check_settings(backbone, inner_lr, inner_steps, eval_inner_steps, head, ways, meta_sgd, plus_plus)
         if inner_loss not in INNER_LOSSES:
             raise UserError(f"unknown MAML inner loss {inner_loss!r}; choose one of {', '.join(INNER_LOSSES)}")
+        if head_init not in HEAD_INITS:
+            raise UserError(f"unknown MAML head_init {head_init!r}; choose one of {', '.join(HEAD_INITS)}")
         super().__init__(backbone)
         replace_all_batch_norm_modules_(self.backbone)
         self.inner_lr = inner_lr
@@ -208,7 +216,7 @@ class MAML(FewShotLearner):
         self.iteration = 0  # meta-iterations done; drives MAML++'s annealing
         like = next(backbone.parameters(), torch.empty(0))
         self.head = (
-            _uniform_linear(backbone.out_features, ways, generator or torch.Generator().manual_seed(0), like)
+            _initial_linear(backbone.out_features, ways, head_init, generator or torch.Generator().manual_seed(0), like)
             if head == "learned"
             else None
         )
@@ -527,16 +535,26 @@ def _check_settings(
         raise UserError("MAML++: msl_anneal_iterations must be >= 1 and first_order_until >= 0")
 
 
-def _uniform_linear(features: int, ways: int, generator: torch.Generator, like: torch.Tensor) -> nn.Linear:
-    """``nn.Linear(features, ways)`` with PyTorch's default bound 1/sqrt(fan_in), drawn from ``generator``.
+def _initial_linear(features: int, ways: int, init: str, generator: torch.Generator, like: torch.Tensor) -> nn.Linear:
+    """``nn.Linear(features, ways)`` initialised as ``init`` says (see ``MAML``), drawn from ``generator``.
 
     Built on the meta device first so that the global random state is never touched.
     """
     layer = nn.Linear(features, ways, device="meta", dtype=like.dtype).to_empty(device=like.device)
-    bound = 1 / math.sqrt(features)
     with torch.no_grad():
-        for p in (layer.weight, layer.bias):
-            p.copy_(torch.empty(p.shape, dtype=p.dtype).uniform_(-bound, bound, generator=generator))
+        weight = torch.empty(layer.weight.shape, dtype=like.dtype)
+        bias = torch.zeros(layer.bias.shape, dtype=like.dtype)
+        if init == "uniform":  # PyTorch's default for nn.Linear, weight and bias
+            bound = 1 / math.sqrt(features)
+            weight.uniform_(-bound, bound, generator=generator)
+            bias.uniform_(-bound, bound, generator=generator)
+        elif init == "normal":
+            weight.normal_(0.0, 1.0, generator=generator)
+        else:  # xavier: Glorot & Bengio's uniform bound sqrt(6 / (fan_in + fan_out))
+            bound = math.sqrt(6 / (features + ways))
+            weight.uniform_(-bound, bound, generator=generator)
+        layer.weight.copy_(weight)
+        layer.bias.copy_(bias)
     return layer
 
 
@@ -574,15 +592,17 @@ def _batch_norm(
     if running_mean is not None or running_var is not None or not training:
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     dims = [0, *range(2, input.dim())]
-    mean = input.mean(dims, keepdim=True)
-    variance = input.var(dims, correction=0, keepdim=True)
-    out = (input - mean) * torch.rsqrt(variance + eps)
+    variance, mean = torch.var_mean(input, dims, correction=0, keepdim=True)  # one pass over the activations
+    # Fold the normalisation and the affine map into one per-channel scale and shift (small tensors),
+    # so the activation-sized work is a single multiply-add.
     channels = [1, -1] + [1] * (input.dim() - 2)
+    scale = torch.rsqrt(variance + eps)
     if weight is not None:
-        out = out * weight.view(channels)
+        scale = scale * weight.view(channels)
+    shift = -mean * scale
     if bias is not None:
-        out = out + bias.view(channels)
-    return out
+        shift = shift + bias.view(channels)
+    return torch.addcmul(shift, input, scale)
 
 
 def _rate_key(name: str) -> str:

@@ -38,15 +38,16 @@ from fewshot_nsl.nsl.patches import (
 # Patch-matrix elements (positions x k**2 x C) processed at once on CPU: the
 # chunk's patches, modulated patches and their gradients (4 MiB each in
 # float32) then stay in L2/L3 between the gather, the GEMMs and the scatter.
-_CPU_CHUNK_ELEMENTS = 1 << 20
+CPU_CHUNK_ELEMENTS = 1 << 20
+PATHS = ("planes", "patches")
 
 
-def _samples_per_chunk(x: torch.Tensor, patch_elements_per_sample: int) -> int:
+def _samples_per_chunk(x: torch.Tensor, patch_elements_per_sample: int, chunk_elements: int) -> int:
     """Chunk over the batch on CPU (cache residency); accelerators take the
     whole batch in one go, since per-chunk kernel launches would dominate."""
     if x.device.type != "cpu":
         return x.shape[0]
-    return max(1, _CPU_CHUNK_ELEMENTS // patch_elements_per_sample)
+    return max(1, chunk_elements // patch_elements_per_sample)
 
 
 def _modulate(patches: torch.Tensor, sim: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,6 +75,7 @@ class _TapModulatedConv(torch.autograd.Function):
     Inputs: ``x`` (B, C, H, W), ``weight`` (O, C, k, k), ``sim`` tap-last
     (B, Ho, Wo, k*k[, k*k]). Output (B, O, Ho, Wo), channels_last when
     ``nhwc_out`` (each chunk's GEMM writes straight into that layout).
+    ``chunk_elements`` bounds the patch elements handled at once on CPU.
     Written with ordinary differentiable ops only (double backward for MAML)
     and ``generate_vmap_rule`` (vmap over tasks, per-task weights).
     """
@@ -82,14 +84,20 @@ class _TapModulatedConv(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        x: torch.Tensor, weight: torch.Tensor, sim: torch.Tensor, stride: int, padding: int, nhwc_out: bool
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        sim: torch.Tensor,
+        stride: int,
+        padding: int,
+        nhwc_out: bool,
+        chunk_elements: int = CPU_CHUNK_ELEMENTS,
     ) -> torch.Tensor:
         batch = x.shape[0]
         out_channels, _, k, _ = weight.shape
         out_h, out_w = sim.shape[1], sim.shape[2]
         positions = out_h * out_w
         w2 = weight.permute(0, 2, 3, 1).reshape(out_channels, -1)  # (O, k*k*C), tap-major like the patches
-        chunk = _samples_per_chunk(x, positions * w2.shape[1])
+        chunk = _samples_per_chunk(x, positions * w2.shape[1], chunk_elements)
         parts = []
         for start in range(0, batch, chunk):
             patches = tap_patches(padded_nhwc(x[start : start + chunk], padding), k, stride)
@@ -106,9 +114,10 @@ class _TapModulatedConv(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        x, weight, sim, stride, padding, _ = inputs
+        x, weight, sim, stride, padding, _, *chunking = inputs
         ctx.save_for_backward(x, weight, sim)
         ctx.stride, ctx.padding = stride, padding
+        ctx.chunk_elements = chunking[0] if chunking else CPU_CHUNK_ELEMENTS
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
@@ -120,7 +129,7 @@ class _TapModulatedConv(torch.autograd.Function):
         out_h, out_w = sim.shape[1], sim.shape[2]
         positions = out_h * out_w
         w2 = weight.permute(0, 2, 3, 1).reshape(out_channels, -1)
-        chunk = _samples_per_chunk(x, positions * w2.shape[1])
+        chunk = _samples_per_chunk(x, positions * w2.shape[1], ctx.chunk_elements)
         diagonal = sim.dim() == 4
         grad_w = None
         grad_x_parts, grad_sim_parts = [], []
@@ -160,7 +169,7 @@ class _TapModulatedConv(torch.autograd.Function):
         grad_sim = torch.cat(grad_sim_parts) if need_sim else None
         if grad_w is not None:
             grad_w = grad_w.view(out_channels, k, k, channels).permute(0, 3, 1, 2)
-        return grad_x, grad_w, grad_sim, None, None, None
+        return grad_x, grad_w, grad_sim, None, None, None, None
 
 
 def _planes_modulated_conv(
@@ -168,7 +177,7 @@ def _planes_modulated_conv(
 ) -> torch.Tensor:
     """Diagonal tap-modulated convolution for layers with few input channels (a stem).
 
-    With ``C <= _PLANES_MAX_CHANNELS`` the chunked path's elementwise loops run
+    With ``C <= PLANES_MAX_CHANNELS`` the chunked path's elementwise loops run
     over only ``C`` contiguous values and its GEMMs have ``k*k*C <= 36`` columns,
     both slow. Here the patches are unfolded channel-major, ``(C, k*k, L)``, so
     the modulation runs along whole rows of positions; the modulated patches
@@ -185,9 +194,9 @@ def _planes_modulated_conv(
     return F.conv2d(to_channels_last(modulated), weight.reshape(out_channels, -1, 1, 1))
 
 
-# Input channels up to which the diagonal form takes :func:`_planes_modulated_conv`
+# Input channels up to which the diagonal form takes :func:`_planes_modulated_conv` by default
 # (benchmarks/nsl_layer_overhead.py: 2-4x faster than the chunked path on 1- and 3-channel stems).
-_PLANES_MAX_CHANNELS = 4
+PLANES_MAX_CHANNELS = 4
 
 
 class DynamicNSLConv2d(NSLConvBase):
@@ -202,6 +211,12 @@ class DynamicNSLConv2d(NSLConvBase):
 
     The meta-network's BatchNorm is an ordinary ``nn.BatchNorm2d``, so
     ``torch.func.replace_all_batch_norm_modules_`` (vmap over tasks) finds it.
+
+    ``path`` picks the implementation of the modulated convolution (both
+    compute the same function): ``"planes"`` (diagonal form only) or
+    ``"patches"``; by default planes for diagonal layers with at most
+    ``PLANES_MAX_CHANNELS`` input channels, where it is faster. ``chunk_elements``
+    bounds the patch path's working set on CPU (see ``CPU_CHUNK_ELEMENTS``).
     """
 
     energy_eps = 1e-6
@@ -216,9 +231,17 @@ class DynamicNSLConv2d(NSLConvBase):
         bias: bool = False,
         form: str = "diagonal",
         hidden: int = 64,
+        path: str | None = None,
+        chunk_elements: int = CPU_CHUNK_ELEMENTS,
     ):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias, form)
         self.hidden = require_int("hidden", hidden, 1)
+        if path is None:
+            path = "planes" if form == "diagonal" and in_channels <= PLANES_MAX_CHANNELS else "patches"
+        if path not in PATHS or (path == "planes" and form != "diagonal"):
+            raise ValueError(f"path must be one of {PATHS} ('planes' for the diagonal form only), got {path!r}")
+        self.path = path
+        self.chunk_elements = require_int("chunk_elements", chunk_elements, 1)
         taps = self.taps
         self.meta_conv = nn.Conv2d(in_channels, hidden, kernel_size, stride, padding, bias=False)
         self.meta_bn = nn.BatchNorm2d(hidden)
@@ -254,15 +277,15 @@ class DynamicNSLConv2d(NSLConvBase):
         # the output still comes back in the caller's layout.
         x = to_channels_last(x)
         sim = self.similarity(x)
-        if self.form == "diagonal" and self.in_channels <= _PLANES_MAX_CHANNELS:
+        if self.path == "planes":
             y = _planes_modulated_conv(x, self.weight, sim, self.stride, self.padding)
             y = y if nhwc_out else y.contiguous()
             return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
         tap_last = sim.permute(0, 2, 3, 1) if self.form == "diagonal" else sim.permute(0, 3, 4, 1, 2)
-        y = _TapModulatedConv.apply(x, self.weight, tap_last, self.stride, self.padding, nhwc_out)
+        y = _TapModulatedConv.apply(x, self.weight, tap_last, self.stride, self.padding, nhwc_out, self.chunk_elements)
         if self.bias is not None:
             y = y + self.bias.view(1, -1, 1, 1)
         return y
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, hidden={self.hidden}"
+        return f"{super().extra_repr()}, hidden={self.hidden}, path={self.path}"

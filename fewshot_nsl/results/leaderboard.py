@@ -26,7 +26,7 @@ COLUMNS = [
     "timestamp", "method", "backbone", "similarity", "dataset", "protocol", "ways", "shots", "queries",
     "episodes", "acc", "ci95", "manifest", "manifest_hash", "parameters", "train_episodes", "train_seconds",
     "seed", "version", "git_commit", "git_dirty", "train_commits", "provenance", "run_dir", "recipe", "config_hash", "train_ways", "train_shots",
-    "train_queries", "meta_batch", "lr_schedule", "train_on_val", "augmentation", "nsl_kind", "nsl_form", "nsl_hidden", "maml_head", "inner_steps", "eval_inner_steps", "inner_lr", "inner_loss", "maml_order",
+    "train_queries", "meta_batch", "lr_schedule", "train_on_val", "augmentation", "conv4_downsample", "nsl_kind", "nsl_form", "nsl_hidden", "maml_head", "maml_head_init", "inner_steps", "eval_inner_steps", "inner_lr", "inner_loss", "maml_order",
     "maml_plus_plus",
 ]  # fmt: skip
 RANK_KEYS = ["dataset", "protocol", "ways", "shots"]
@@ -57,7 +57,10 @@ def with_provenance(frame: pd.DataFrame) -> pd.DataFrame:
     """Fill ``provenance`` for rows written before it existed: ``dirty`` where ``git_dirty`` says so, else
     ``unverified`` (their training commit was not recorded), so no old row passes for a clean one."""
     recorded = frame["provenance"] if "provenance" in frame else pd.Series(None, index=frame.index, dtype=object)
-    dirty = frame["git_dirty"].astype(str).str.lower() == "true" if "git_dirty" in frame else False
+    if "git_dirty" in frame:
+        dirty = frame["git_dirty"].astype(str).str.lower() == "true"
+    else:
+        dirty = pd.Series(False, index=frame.index)
     derived = pd.Series(UNVERIFIED, index=frame.index, dtype=object).where(~dirty, DIRTY)
     return frame.assign(provenance=recorded.astype(object).fillna(derived))
 
@@ -73,17 +76,30 @@ def append(path: Path, row: dict[str, Any]) -> pd.DataFrame:
         frame = read(path)
         new = pd.DataFrame([{column: row.get(column) for column in COLUMNS} | row])
         combined = new if frame.empty else pd.concat([frame, new], ignore_index=True)
-        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(handle)
-        try:
-            combined.to_csv(tmp, index=False)
-            if path.exists():
-                shutil.copy2(path, backup_path(path))  # the version before this rewrite
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        _replace(path, combined)
     return combined
+
+
+def mark_provenance(path: Path) -> pd.DataFrame:
+    """Write the ``provenance`` column into a leaderboard whose rows predate it (see ``with_provenance``)."""
+    with FileLock(str(path) + ".lock"):
+        frame = read(path)
+        _replace(path, frame)
+    return frame
+
+
+def _replace(path: Path, frame: pd.DataFrame) -> None:
+    """Atomically replace ``path`` by ``frame``, keeping the previous version as the backup."""
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        frame.to_csv(tmp, index=False)
+        if path.exists():
+            shutil.copy2(path, backup_path(path))  # the version before this rewrite
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def ranked(frame: pd.DataFrame, where: dict[str, str] | None = None, group_by: Sequence[str] = ()) -> pd.DataFrame:
