@@ -26,7 +26,7 @@ METHODS = ("protonet", "maml")
 # a saved config without them is read with these values (engine.checkpoint.read_config).
 LEGACY_VALUES = {"conv4_downsample": "maxpool", "head_init": "uniform"}
 LR_SCHEDULES = ("step", "cosine", "constant")
-CPU_VECTORISE_MAX_IMAGES = 16  # support + query images per task; see RunConfig._vectorise_by_default
+CPU_VECTORISE_MAX_IMAGES = 40  # support + query images per task; see RunConfig._vectorise_by_default
 
 
 def maml_recipe(dataset: str, ways: int, shots: int) -> dict[str, Any]:
@@ -185,14 +185,13 @@ class RunConfig:
         return resolved
 
     def _vectorise_by_default(self, recipe_queries: int) -> bool:
-        """vmap MAML's meta-batch on CUDA (one launch per layer for all tasks), and on CPU for tiny tasks.
+        """vmap MAML's meta-batch on CUDA (one launch per layer for all tasks), and on CPU for small tasks.
 
-        On a 2-core CPU vmap is 1.35-1.47x faster than task by task for Omniglot 5-way
-        1-shot 1-query tasks (10 images) but 5-17% slower for 20-way 1-shot (40 images)
-        and Mini-ImageNet 5-way 1-shot 15-query (80 images)
-        (benchmarks/results/maml_speed.md), so the CPU default vectorises tasks of at
-        most ``CPU_VECTORISE_MAX_IMAGES`` images. Task by task also bounds memory by one
-        task's graph.
+        On a 2-core CPU, with Finn et al.'s networks (benchmarks/results/maml_speed.md), vmap
+        is 2.75x faster than task by task for Omniglot 5-way 1-shot 1-query tasks (10 images)
+        and 1.24x for 20-way 1-shot (40 images), but 6% slower for Mini-ImageNet 5-way 1-shot
+        15-query tasks (80 images), so the CPU default vectorises tasks of at most
+        ``CPU_VECTORISE_MAX_IMAGES`` images. Task by task also bounds memory by one task's graph.
         """
         if self.device.startswith("cuda") or (self.device == "auto" and torch.cuda.is_available()):
             return True

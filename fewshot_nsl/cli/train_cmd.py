@@ -69,7 +69,7 @@ OPTIONS: list[tuple[str, object, str]] = [
     ("--multi-step-loss", "store_true", "MAML++ MSL: query loss after every inner step, weights annealed to the last"),
     ("--msl-anneal-iterations", int, "MAML++ MSL: meta-iterations to anneal over (default 5000)"),
     ("--first-order-until", int, "MAML++ DA: first order up to this meta-iteration, second order after (default 0)"),
-    ("--vectorise", _flag, "MAML: vmap the meta-batch over tasks, true/false (default: true on CUDA and, on CPU, for tasks of <= 16 images, where it is faster: benchmarks/results/maml_speed.md; false backpropagates task by task, memory of one task)"),
+    ("--vectorise", _flag, "MAML: vmap the meta-batch over tasks, true/false (default: true on CUDA and, on CPU, for tasks of <= 40 images, where it is faster: benchmarks/results/maml_speed.md; false backpropagates task by task, memory of one task)"),
     ("--train-on-val", "store_true", "train on train + val classes (Snell et al.'s final models); no validation, the last checkpoint is used"),
     ("--val-every", int, "validate every this many iterations (default 500)"),
     ("--val-episodes", int, "validation episodes (default 200)"),
