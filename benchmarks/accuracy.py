@@ -245,7 +245,7 @@ def extrapolated(points: pd.DataFrame, iterations: int) -> float | None:
 
 
 def tabulate(name: str, suite: Suite, board: Path, command: str, origin: dict, curves: pd.DataFrame | None) -> None:
-    frame = pd.read_csv(board)
+    frame = leaderboard.read(board)
     names = {run.name for run in suite.runs}
     frame = frame[frame["run_dir"].map(lambda d: Path(d).name in names)]
     if "recipe" not in frame:
@@ -255,7 +255,6 @@ def tabulate(name: str, suite: Suite, board: Path, command: str, origin: dict, c
     # MAML rows from before the head was recorded were all trained with that day's default, the zero head.
     head = frame["maml_head"].astype(object).where(frame["maml_head"].notna(), "zero")
     frame = frame.assign(head=head.where(frame["method"] == "maml", "—"), recipe=frame["recipe"].astype(object).fillna("—"))
-    frame = leaderboard.with_provenance(frame)
     latest = frame.drop_duplicates(subset=["run_dir", "ways", "shots", "episodes", "head"], keep="last")
     lines = [
         "| run | method | similarity | head | task | test episodes | acc % ± 95% CI | published | train iterations "

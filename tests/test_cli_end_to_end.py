@@ -10,6 +10,7 @@ import torch
 
 from fewshot_nsl.cli.main import run
 from fewshot_nsl.data.roots import DATA_ENV
+from fewshot_nsl.results import leaderboard
 from fewshot_nsl.results.provenance import source_state
 
 pytestmark = pytest.mark.real_data
@@ -40,7 +41,7 @@ def test_short_training_learns_and_cli_round_trip(workdir: Path, capsys: pytest.
     assert run(["eval", "--run-dir", "runs/p1", "--ways", "5", "--shots", "1", "--episodes", "200", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "5-way 1-shot: acc" in out and "(95% CI, 200 episodes)" in out
-    board = pd.read_csv(workdir / "leaderboard.csv")
+    board = leaderboard.read(workdir / "leaderboard.csv")
     assert len(board) == 1
     row = board.iloc[0]
     assert row["acc"] > 0.85, f"short training reached only {row['acc']:.3f}"

@@ -164,6 +164,13 @@ def test_provenance_is_clean_only_when_every_session_and_the_evaluation_were_com
     assert provenance(eval_dirty, sessions) == expected
 
 
+def test_hashes_of_digits_stay_text(tmp_path):
+    path = tmp_path / "board.csv"
+    leaderboard.append(path, row(0.9, git_commit="0508319", config_hash="123456789012"))
+    read_back = leaderboard.read(path).iloc[0]
+    assert (read_back["git_commit"], read_back["config_hash"]) == ("0508319", "123456789012")
+
+
 def test_rows_from_before_git_dirty_existed_read_as_unverified(tmp_path):
     path = tmp_path / "board.csv"
     pd.DataFrame([{"method": "protonet", "dataset": "omniglot", "acc": 0.9}]).to_csv(path, index=False)

@@ -30,6 +30,8 @@ COLUMNS = [
     "maml_plus_plus",
 ]  # fmt: skip
 RANK_KEYS = ["dataset", "protocol", "ways", "shots"]
+# Hashes and names read as text: a commit like 0508319 or a config hash of digits is not a number.
+TEXT_COLUMNS = ("git_commit", "train_commits", "config_hash", "manifest_hash", "manifest", "version", "run_dir", "recipe")
 
 
 def read(path: Path) -> pd.DataFrame:
@@ -37,7 +39,7 @@ def read(path: Path) -> pd.DataFrame:
     if not path.exists():
         return pd.DataFrame(columns=COLUMNS)
     try:
-        frame = pd.read_csv(path)
+        frame = pd.read_csv(path, dtype={column: str for column in TEXT_COLUMNS})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
         raise UserError(f"{path} is not a readable leaderboard CSV ({type(error).__name__}); fix or move it") from None
     missing = [c for c in ("method", "dataset", "acc") if c not in frame.columns]
