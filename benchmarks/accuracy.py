@@ -31,11 +31,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import RESULTS, REPO, data_root, machine, provenance, write_results  # noqa: E402
-from fewshot_nsl.config import RunConfig, load_config  # noqa: E402
+from fewshot_nsl.config import LEGACY_VALUES, RunConfig, load_config  # noqa: E402
 from fewshot_nsl.engine.evaluator import EvalRequest, evaluate_run  # noqa: E402
 from fewshot_nsl.engine.trainer import train  # noqa: E402
 from fewshot_nsl.results import leaderboard  # noqa: E402
@@ -149,6 +150,18 @@ SUITES = {
         "The training classes come from ../shared/data, which holds 300 of the 600 images per class; the "
         "published figures used all 600 and far larger budgets, so they are context, not a target.",
     ),
+    "protonet-resnet12-miniimagenet": Suite(
+        (
+            Run("protonet-resnet12-5w5s-cpu", {"amp": False, "val_episodes": 100}, ((5, 5),),
+                base="protonet-resnet12-miniimagenet.yaml", eval_episodes=10000),  # fmt: skip
+        ),
+        note="A short CPU run of the ResNet-12 GPU recipe (configs/protonet-resnet12-miniimagenet.yaml: MetaOptNet/FEAT "
+        "widths 64-160-320-640, DropBlock 0.1, 5-way 5-shot 15-query episodes, Adam 1e-3) with float32 instead of "
+        "bfloat16 autocast, to show that ResNet-12 learns on real images here; the budget is a sliver of the "
+        "recipe's 40,000 episodes (about 6 s per episode on this CPU, benchmarks/results/resnet12_cost.md). "
+        "Validation: 100 fixed 5-way episodes at the end; evaluation on the 10,000-episode 5-way 5-shot manifest. "
+        "Chance is 20%.",
+    ),
     "maml-nsl-omniglot": Suite(
         tuple(
             Run(f"maml-{label}-5w1s", extra, ((5, 1),), base="maml-conv4-omniglot.yaml")
@@ -164,7 +177,7 @@ SUITES = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("suite", choices=SUITES)
-    parser.add_argument("--episodes", type=int, required=True, help="training iterations of every run")
+    parser.add_argument("--episodes", type=int, help="training iterations of every run (required unless --tabulate-only)")
     parser.add_argument("--val-every", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="*", help="run only these run names (others are read from the suite leaderboard)")
@@ -172,7 +185,12 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, help="torch CPU threads of this process (default: torch's choice)")
     parser.add_argument("--allow-dirty", action="store_true", help="run from uncommitted code (results marked so)")
+    parser.add_argument(
+        "--tabulate-only", action="store_true", help="train nothing: rewrite the table and curves from the suite's leaderboard and runs"
+    )
     args = parser.parse_args()
+    if args.episodes is None and not args.tabulate_only:
+        parser.error("--episodes is required unless --tabulate-only")
     origin = provenance(args.allow_dirty)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -180,7 +198,7 @@ def main() -> None:
     board = RESULTS / f"{args.suite}-leaderboard.csv"
     runs_root = Path(os.environ.get("FEWSHOT_NSL_RUNS", "runs")) / "benchmarks" / args.suite
     for run in suite.runs:
-        if args.only and run.name not in args.only:
+        if args.tabulate_only or (args.only and run.name not in args.only):
             continue
         config = run.run_config().updated(
             {"episodes": args.episodes, "seed": args.seed + run.seed_offset, "val_every": args.val_every,
@@ -208,19 +226,28 @@ def learning_curves(suite: Suite, runs_root: Path) -> pd.DataFrame | None:
         metrics = runs_root / run.name / "metrics.csv"
         if metrics.exists():
             val = pd.read_csv(metrics).query("split == 'val'")
-            frames.append(val.assign(run=run.name)[["run", "iteration", "acc", "ci95", "seconds"]])
+            network = run_network(runs_root / run.name)
+            frames.append(val.assign(run=run.name, network=network)[CURVE_COLUMNS])
     if not frames:
         return None
-    curves = pd.concat(frames, ignore_index=True)
-    curves.to_csv(RESULTS / f"{suite_name(suite)}-curve.csv", index=False)
+    fresh = pd.concat(frames, ignore_index=True)
+    path = RESULTS / f"{suite_name(suite)}-curve.csv"
+    # Curves of runs since retrained with another network stay (their run directories were overwritten).
+    kept = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=CURVE_COLUMNS)
+    if "network" not in kept:
+        kept = kept.assign(network=LEGACY_VALUES["conv4_downsample"])
+    replaced = kept.set_index(["run", "network"]).index.isin(fresh.set_index(["run", "network"]).index)
+    curves = pd.concat([kept[~replaced][CURVE_COLUMNS], fresh], ignore_index=True)
+    curves.to_csv(path, index=False)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    for run, points in curves.groupby("run", sort=False):
-        axis.errorbar(points["iteration"], 100 * points["acc"], yerr=100 * points["ci95"], label=run, capsize=2, marker="o", ms=3)
+    for (run, network), points in curves.groupby(["run", "network"], sort=False):
+        axis.errorbar(points["iteration"], 100 * points["acc"], yerr=100 * points["ci95"], label=f"{run} ({network})",
+                      capsize=2, marker="o", ms=3)  # fmt: skip
     axis.set_xlabel("meta-iterations")
     axis.set_ylabel("validation accuracy % (95% CI)")
     axis.legend(fontsize=8)
@@ -229,6 +256,23 @@ def learning_curves(suite: Suite, runs_root: Path) -> pd.DataFrame | None:
     figure.savefig(RESULTS / f"{suite_name(suite)}-curve.png", dpi=120)
     plt.close(figure)
     return curves
+
+
+CURVE_COLUMNS = ["run", "network", "iteration", "acc", "ci95", "seconds"]
+
+
+def run_network(run_dir: Path) -> str:
+    """How a run's Conv-4 downsamples (``maxpool`` or ``stride``), from its saved config; runs saved before the
+    option existed used max-pooling."""
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    return saved.get("conv4_downsample") or LEGACY_VALUES["conv4_downsample"]
+
+
+def network_of(rows: pd.DataFrame) -> pd.Series:
+    """The Conv-4 downsampling of each leaderboard row; rows written before it was recorded used max-pooling."""
+    recorded = rows["conv4_downsample"] if "conv4_downsample" in rows else pd.Series(None, index=rows.index)
+    conv4 = rows["backbone"].astype(str).str.endswith("conv4")
+    return recorded.astype(object).where(recorded.notna(), LEGACY_VALUES["conv4_downsample"]).where(conv4, "—")
 
 
 def suite_name(suite: Suite) -> str:
@@ -254,12 +298,16 @@ def tabulate(name: str, suite: Suite, board: Path, command: str, origin: dict, c
         frame = frame.assign(maml_head=None)
     # MAML rows from before the head was recorded were all trained with that day's default, the zero head.
     head = frame["maml_head"].astype(object).where(frame["maml_head"].notna(), "zero")
-    frame = frame.assign(head=head.where(frame["method"] == "maml", "—"), recipe=frame["recipe"].astype(object).fillna("—"))
-    latest = frame.drop_duplicates(subset=["run_dir", "ways", "shots", "episodes", "head"], keep="last")
+    frame = frame.assign(
+        head=head.where(frame["method"] == "maml", "—"),
+        recipe=frame["recipe"].astype(object).fillna("—"),
+        network=network_of(frame),
+    )
+    latest = frame.drop_duplicates(subset=["run_dir", "ways", "shots", "episodes", "head", "network"], keep="last")
     lines = [
-        "| run | method | similarity | head | task | test episodes | acc % ± 95% CI | published | train iterations "
-        "| train wall time | commit | provenance | recipe |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| run | method | similarity | head | Conv-4 downsampling | task | test episodes | acc % ± 95% CI | published "
+        "| train iterations | train wall time | commit | provenance | recipe |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in latest.sort_values(["ways", "shots", "episodes", "method", "similarity"]).itertuples():
         if Path(row.run_dir).name.startswith("maml++"):
@@ -268,7 +316,7 @@ def tabulate(name: str, suite: Suite, board: Path, command: str, origin: dict, c
             ref = PUBLISHED.get((row.dataset, row.method, row.ways, row.shots))
         ref = ref if row.similarity == "conv" else None
         lines.append(
-            f"| {Path(row.run_dir).name} | {row.method} | {row.similarity} | {row.head} | {row.ways}w{row.shots}s | "
+            f"| {Path(row.run_dir).name} | {row.method} | {row.similarity} | {row.head} | {row.network} | {row.ways}w{row.shots}s | "
             f"{row.episodes} | {100 * row.acc:.2f} ± {100 * row.ci95:.2f} | {ref if ref else '—'} | {row.train_episodes} | "
             f"{row.train_seconds / 60:.1f} min | {row.git_commit} | {row.provenance} | {row.recipe} |"
         )
@@ -310,15 +358,16 @@ def curve_section(name: str, curves: pd.DataFrame) -> str:
         "against log(meta-iterations), fitted to the curve's second half, to the published budget (60,000 "
         "meta-iterations for MAML, 50,000 for MAML++): a rough guide, not a measurement.",
         "",
-        "| run | meta-iterations | last validation % | best validation % | wall time | line at the published budget % |",
-        "|---|---|---|---|---|---|",
+        "| run | Conv-4 downsampling | meta-iterations | last validation % | best validation % | wall time "
+        "| line at the published budget % |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for run, points in curves.groupby("run", sort=False):
+    for (run, network), points in curves.groupby(["run", "network"], sort=False):
         budget = PUBLISHED_ITERATIONS["maml++" if run.startswith("maml++") else "maml"]
         guess = extrapolated(points, budget)
         last = points.iloc[-1]
         lines.append(
-            f"| {run} | {int(last['iteration'])} | {100 * last['acc']:.2f} | {100 * points['acc'].max():.2f} | "
+            f"| {run} | {network} | {int(last['iteration'])} | {100 * last['acc']:.2f} | {100 * points['acc'].max():.2f} | "
             f"{last['seconds'] / 60:.1f} min | {'—' if guess is None else f'{100 * guess:.1f} at {budget}'} |"
         )
     return "\n".join(lines) + "\n"
