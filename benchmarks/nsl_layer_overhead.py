@@ -1,4 +1,4 @@
-"""Cost of one NSL layer: forward+backward ÷ a plain 3×3 convolution, same process.
+"""Cost of one NSL layer: forward+backward, and forward alone, ÷ a plain 3×3 convolution, same process.
 
 Where ``nsl_overhead.py`` times whole Conv-4 episodes, this isolates a single
 layer at the shapes Conv-4 gives it (Omniglot 20w5s5q, 200 images: the stem on
@@ -15,11 +15,13 @@ into its two parts, so the report shows where the time goes:
 
 Stems get no input gradient (their input is the images), like in training.
 
-Variants are timed alternately over several rounds and medians compared. The
-FLOP ratio is the per-layer training formula of ``nsl_overhead.py`` (forward +
-backward with input, weight and similarity gradients), the floor for what is timed.
+Each is timed twice: forward + backward, and the forward alone under
+``no_grad`` (as in evaluation). Variants are timed alternately over several
+rounds and medians compared. The FLOP ratios are the per-layer formulas of
+``nsl_overhead.py``: training (forward + backward with input, weight and
+similarity gradients) and forward, the floors for what is timed.
 
-    python benchmarks/nsl_layer_overhead.py     # about two minutes on 2 cores
+    python benchmarks/nsl_layer_overhead.py     # about four minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -73,6 +75,16 @@ def forward_backward(forward: Callable[[], torch.Tensor], generator: torch.Gener
     return step
 
 
+def forward_only(forward: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    """A forward pass without autograd, as evaluation runs it."""
+
+    def step() -> None:
+        with torch.no_grad():
+            forward()
+
+    return step
+
+
 def takes_planes_path(layer: DynamicNSLConv2d) -> bool:
     return layer.path == "planes"
 
@@ -115,6 +127,7 @@ def main() -> None:
                 if planes:
                     forwards[f"{name}: modulated conv, patch path"] = modulated_only(layer, x, planes=False)
         steps = {name: forward_backward(forward, generator) for name, forward in forwards.items()}
+        steps |= {f"{name} [fwd]": forward_only(forward) for name, forward in forwards.items()}
         times: dict[str, list[float]] = {name: [] for name in steps}
         for step in steps.values():  # warm-up
             step()
@@ -124,30 +137,40 @@ def main() -> None:
                 for _ in range(args.repeats):
                     step()
                 times[name].append((time.perf_counter() - start) / args.repeats)
-        base = statistics.median(times["conv"])
-        for name in steps:
+        for name in forwards:
             variant = VARIANTS.get(name.split(":")[0], Similarity("conv"))
-            plain_macs, extra = layer_multiply_adds(
-                variant, in_channels, CHANNELS, batch * side * side, training=True, input_grad=not stem
-            )
+            positions = batch * side * side
             whole_layer = ":" not in name
-            rows.append({
-                "shape": shape_name, "variant": name, "ms": 1000 * statistics.median(times[name]),
-                "ratio": statistics.median(times[name]) / base,
-                "flop_ratio": (plain_macs + extra) / plain_macs if whole_layer else None,
-            })  # fmt: skip
-    lines = ["| layer input | variant | fwd+bwd ms | ÷ plain conv | training FLOP ratio | ratio ÷ FLOP ratio |", "|---|---|---|---|---|---|"]
+            row: dict[str, object] = {"shape": shape_name, "variant": name}
+            for phase, key, training in (("train", name, True), ("fwd", f"{name} [fwd]", False)):
+                plain_macs, extra = layer_multiply_adds(
+                    variant, in_channels, CHANNELS, positions, training=training, input_grad=not stem
+                )
+                seconds = statistics.median(times[key])
+                base = statistics.median(times["conv" if phase == "train" else "conv [fwd]"])
+                row |= {f"{phase}_ms": 1000 * seconds, f"{phase}_ratio": seconds / base,
+                        f"{phase}_flop_ratio": (plain_macs + extra) / plain_macs if whole_layer else None}  # fmt: skip
+            rows.append(row)
+    lines = [
+        "| layer input | variant | fwd+bwd ms | ÷ plain conv | training FLOP ratio | ratio ÷ FLOP ratio "
+        "| fwd ms | ÷ plain conv | forward FLOP ratio | ratio ÷ FLOP ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        flop = f"{r['flop_ratio']:.2f}×" if r["flop_ratio"] else ""
-        over = f"{r['ratio'] / r['flop_ratio']:.2f}" if r["flop_ratio"] else ""
-        lines.append(f"| {r['shape']} | {r['variant']} | {r['ms']:.1f} | {r['ratio']:.2f}× | {flop} | {over} |")
+        cells = [r["shape"], r["variant"]]
+        for phase in ("train", "fwd"):
+            flop = r[f"{phase}_flop_ratio"]
+            cells += [f"{r[f'{phase}_ms']:.1f}", f"{r[f'{phase}_ratio']:.2f}×", f"{flop:.2f}×" if flop else "",
+                      f"{r[f'{phase}_ratio'] / flop:.2f}" if flop else ""]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
     info = machine()
     text = (
         "# NSL per-layer overhead, 3×3 layers of Conv-4, CPU\n\n"
         f"`python benchmarks/nsl_layer_overhead.py` — {args.rounds} alternating rounds × {args.repeats} repeats, "
         f"medians; {info['cpu_count']} cores, {info['threads']} threads, torch {info['torch']}, channels_last, "
         f"GLIBC_TUNABLES {'set' if info['glibc_tunables'] == FAST_MALLOC else 'not set'}. Forward + backward "
-        "(input gradient except for stems, weight and similarity gradients) against `nn.Conv2d` in the same run. The "
+        "(input gradient except for stems, weight and similarity gradients), and the forward alone under `no_grad`, "
+        "against `nn.Conv2d` in the same run; the FLOP ratios are the corrected floors of `nsl_overhead.py`. The "
         "`meta-network` and `modulated conv` rows split the dynamic layer into its two halves; `patch path` is the "
         "diagonal form's other implementation, which stems do not take.\n\n" + "\n".join(lines) + "\n"
     )

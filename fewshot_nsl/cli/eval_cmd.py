@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fewshot_nsl.engine.distributed import is_main_process
 from fewshot_nsl.engine.evaluator import EvalRequest, evaluate_run
 
 
@@ -32,4 +33,5 @@ def handle(args: argparse.Namespace) -> None:
             checkpoint=args.checkpoint, manifest=args.manifest, progress=not args.no_progress,
         )
     )  # fmt: skip
-    print(f"{row['dataset']}/{row['protocol']} {row['ways']}-way {row['shots']}-shot: {summary}  [{row['manifest']} #{row['manifest_hash']}]")
+    if is_main_process():
+        print(f"{row['dataset']}/{row['protocol']} {row['ways']}-way {row['shots']}-shot: {summary}  [{row['manifest']} #{row['manifest_hash']}]")

@@ -8,6 +8,7 @@ from pathlib import Path
 from fewshot_nsl.backbones import BACKBONES
 from fewshot_nsl.backbones.similarity import FORMS, KINDS
 from fewshot_nsl.config import LR_SCHEDULES, METHODS, RunConfig, load_config
+from fewshot_nsl.engine.distributed import is_main_process
 from fewshot_nsl.engine.trainer import resume, train
 from fewshot_nsl.errors import UserError
 from fewshot_nsl.learners.maml import HEADS, INNER_LOSSES
@@ -113,4 +114,5 @@ def handle(args: argparse.Namespace) -> None:
         config = load_config(args.config) if args.config else RunConfig()
         result = train(config.updated(overrides), overwrite=args.overwrite, progress=not args.no_progress)
     best = "n/a" if result.best_val_acc is None else f"{100 * result.best_val_acc:.2f}%"
-    print(f"trained {result.iterations} iterations in {result.seconds:.0f} s; best validation accuracy {best}; run in {result.run_dir}")
+    if is_main_process():
+        print(f"trained {result.iterations} iterations in {result.seconds:.0f} s; best validation accuracy {best}; run in {result.run_dir}")

@@ -16,6 +16,7 @@ from fewshot_nsl.config import RunConfig
 from fewshot_nsl.data.dataset import ImageClassSet
 from fewshot_nsl.data.registry import dataset_spec, load_split
 from fewshot_nsl.engine.checkpoint import CONFIG_FILE, load_run
+from fewshot_nsl.engine.distributed import SINGLE, World, gather_in_order, joined, shard
 from fewshot_nsl.episodes.episode import image_indices, materialise
 from fewshot_nsl.episodes.manifest import Manifest, ManifestSpec, draw, stored_manifest
 from fewshot_nsl.episodes.sampler import check_task_fits
@@ -40,6 +41,7 @@ def evaluate_learner(
     layout: torch.memory_format = torch.contiguous_format,
     progress: bool = True,
     per_episode: bool = False,
+    world: World = SINGLE,
 ) -> tuple[Summary, list[float]]:
     """Accuracy on every episode of ``manifest``.
 
@@ -47,20 +49,25 @@ def evaluate_learner(
     manifest uses embedded once and each episode scored from those embeddings; others (MAML, which
     adapts its backbone per episode), or ``per_episode=True``, go episode by episode through the
     two-phase interface. Both give the same per-episode accuracies (tested).
+
+    Under torchrun (``world``), each rank scores a contiguous shard of the episodes and every rank
+    gets all accuracies back in manifest order, so the mean and CI are those of one process.
     """
     manifest.check_dataset(dataset)
     was_training = learner.training
     learner.eval()
+    mine = shard(len(manifest), world)
     with torch.no_grad():
         if isinstance(learner, EmbeddingLearner) and not per_episode:
-            accuracies = _accuracies_from_embeddings(learner, dataset, manifest, device, layout, progress)
+            accuracies = _accuracies_from_embeddings(learner, dataset, manifest, mine, device, layout, progress)
         else:
             accuracies = []
-            for index in tqdm(range(len(manifest)), disable=not progress, desc="eval", unit="ep", dynamic_ncols=True):
+            for index in tqdm(mine, disable=not progress, desc="eval", unit="ep", dynamic_ncols=True):
                 episode = materialise(dataset, manifest.episode(index)).to(device, layout)
                 logits = learner.fit(episode.support_images, episode.support_labels, episode.ways)(episode.query_images)
                 accuracies.append(float((logits.argmax(-1) == episode.query_labels).float().mean()))
     learner.train(was_training)
+    accuracies = gather_in_order(accuracies, world)
     return confidence_interval(accuracies), accuracies
 
 
@@ -68,11 +75,14 @@ def _accuracies_from_embeddings(
     learner: EmbeddingLearner,
     dataset: ImageClassSet,
     manifest: Manifest,
+    indices: range,
     device: torch.device,
     layout: torch.memory_format,
     progress: bool,
 ) -> list[float]:
-    episodes = [manifest.episode(index) for index in range(len(manifest))]
+    episodes = [manifest.episode(index) for index in indices]
+    if not episodes:
+        return []
     positions = [image_indices(dataset, episode) for episode in episodes]
     used = torch.unique(torch.cat([torch.cat(pair) for pair in positions]))
     row = torch.full((len(dataset.images),), -1, dtype=torch.long)
@@ -134,10 +144,18 @@ def for_inference(learner: FewShotLearner) -> FewShotLearner:
 
 
 def evaluate_run(request: EvalRequest) -> tuple[Summary, dict]:
-    """Evaluate a trained run on fixed test episodes and append the result to the leaderboard."""
+    """Evaluate a trained run on fixed test episodes and append the result to the leaderboard.
+
+    Under torchrun the ranks share the episodes (``evaluate_learner``) and rank 0 alone writes the
+    per-episode file and the leaderboard row; every rank returns the same summary and row.
+    """
+    with joined(resolve_device(request.device)) as (world, device):
+        return _evaluate_run(request, world, device)
+
+
+def _evaluate_run(request: EvalRequest, world: World, device: torch.device) -> tuple[Summary, dict]:
     record = load_run(request.run_dir, request.checkpoint)
     config, state, train_summary = record.config, record.model_state, record.summary
-    device = resolve_device(request.device)
     layout = memory_format(bool(config.channels_last))
     test_set = load_split(config.dataset, "test", config.protocol, request.data_root or config.data_root, config.image_size)
     manifest = select_manifest(request, config, test_set)
@@ -149,14 +167,16 @@ def evaluate_run(request: EvalRequest) -> tuple[Summary, dict]:
         raise UserError(f"the checkpoint in {request.run_dir} does not fit the model its {CONFIG_FILE} builds ({detail})") from None
     parameters = parameter_count(learner)
     learner = for_inference(learner).to(device, memory_format=layout)
-    summary, accuracies = evaluate_learner(learner, test_set, manifest, device, layout, request.progress)
-
-    per_episode = request.run_dir / "eval" / f"{manifest.spec.name}.csv"
-    per_episode.parent.mkdir(exist_ok=True)
-    with open(per_episode, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["episode", "acc"])
-        writer.writerows(enumerate(accuracies))
+    summary, accuracies = evaluate_learner(
+        learner, test_set, manifest, device, layout, request.progress and world.is_main, world=world
+    )
+    if world.is_main:
+        per_episode = request.run_dir / "eval" / f"{manifest.spec.name}.csv"
+        per_episode.parent.mkdir(exist_ok=True)
+        with open(per_episode, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["episode", "acc"])
+            writer.writerows(enumerate(accuracies))
     similarity = resolve_similarity(config.backbone, config.similarity, config.nsl_form, config.nsl_hidden)
     commit, dirty = source_state()
     train_sessions = train_summary.get("train_sessions")
@@ -172,5 +192,6 @@ def evaluate_run(request: EvalRequest) -> tuple[Summary, dict]:
         "train_commits": " ".join(train_sessions) if train_sessions else None,
         "provenance": provenance(dirty, train_sessions), "run_dir": str(request.run_dir), **recipe_columns(config),
     }  # fmt: skip
-    leaderboard.append(request.leaderboard, row)
+    if world.is_main:
+        leaderboard.append(request.leaderboard, row)
     return summary, row

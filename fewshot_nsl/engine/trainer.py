@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import signal
 import threading
 import time
@@ -33,6 +34,15 @@ from fewshot_nsl.engine.checkpoint import (
     restore_random_state,
     save_atomically,
     write_summary,
+)
+from fewshot_nsl.engine.distributed import (
+    World,
+    all_gather_objects,
+    average_buffers,
+    average_gradients,
+    joined,
+    mean_over_ranks,
+    rank_seed,
 )
 from fewshot_nsl.engine.evaluator import evaluate_learner
 from fewshot_nsl.episodes.manifest import Manifest, ManifestSpec, draw
@@ -101,20 +111,40 @@ class _Data:
 
 
 def train(config: RunConfig, overwrite: bool = False, progress: bool = True) -> TrainResult:
-    """Train a learner as ``config`` says and leave a complete run directory."""
+    """Train a learner as ``config`` says and leave a complete run directory.
+
+    Under ``torchrun`` every rank calls this; they train one model together (``engine.distributed``)
+    and rank 0 alone writes the run directory.
+    """
     config = config.resolve()
-    resolve_device(config.device)  # a device that is not there fails before any data is read
+    device = resolve_device(config.device)  # a device that is not there fails before any data is read
     run_dir = Path(config.run_dir) if config.run_dir else default_run_dir(config)
     config = config.updated({"protocol": resolve_protocol(config.dataset, config.protocol), "run_dir": str(run_dir)})
-    data = _load_data(config)
-    moved = prepare_run_dir(run_dir, config, overwrite)
-    if moved is not None and progress:
-        print(f"--overwrite: the previous run in {run_dir} was moved to {moved}")
-    return _run(config, run_dir, data, None, progress)
+    with joined(device) as (world, device):
+        data = _load_data(config)
+        moved = _on_main(world, lambda: prepare_run_dir(run_dir, config, overwrite))
+        if moved is not None and progress and world.is_main:
+            print(f"--overwrite: the previous run in {run_dir} was moved to {moved}")
+        return _run(config, run_dir, data, None, progress, world, device)
+
+
+def _on_main(world: World, action: Any) -> Any:
+    """Run ``action`` on rank 0; a ``UserError`` there is raised on every rank (none waits for it forever)."""
+    result, error = None, None
+    if world.is_main:
+        try:
+            result = action()
+        except UserError as raised:
+            error = str(raised)
+    errors = [e for e in all_gather_objects(error, world) if e is not None]
+    if errors:
+        raise UserError(errors[0])
+    return result
 
 
 def resume(run_dir: Path, progress: bool = True) -> TrainResult:
-    """Continue an interrupted run from its ``last.pt``, exactly as if it had never stopped."""
+    """Continue an interrupted run from its ``last.pt``, exactly as if it had never stopped
+    (under ``torchrun``, with as many processes as it was trained with)."""
     config = read_config(run_dir)
     if not (run_dir / LAST).exists():
         raise UserError(
@@ -126,7 +156,15 @@ def resume(run_dir: Path, progress: bool = True) -> TrainResult:
     state = load_checkpoint(run_dir / LAST)
     if "optimizer" not in state:
         raise UserError(f"{run_dir / LAST} holds no training state (written by an older version); it cannot be resumed")
-    return _run(config, run_dir, _load_data(config), state, progress)
+    with joined(resolve_device(config.device)) as (world, device):
+        trained_with = state.get("world_size", 1)
+        if trained_with != world.size:
+            raise UserError(
+                f"{run_dir} was trained by {trained_with} process(es) and this resume has {world.size}: resume it "
+                + (f"with `torchrun --nproc_per_node={trained_with} -m fewshot_nsl train --resume {run_dir}`"
+                   if trained_with > 1 else f"without torchrun: `fewshot-nsl train --resume {run_dir}`")
+            )  # fmt: skip
+        return _run(config, run_dir, _load_data(config), state, progress, world, device)
 
 
 def _load_data(config: RunConfig) -> _Data:
@@ -151,8 +189,10 @@ def _load_data(config: RunConfig) -> _Data:
     return _Data(train_set, val_set, draw(val_spec, val_set))
 
 
-def _run(config: RunConfig, run_dir: Path, data: _Data, state: dict | None, progress: bool) -> TrainResult:
-    device = resolve_device(config.device)
+def _run(
+    config: RunConfig, run_dir: Path, data: _Data, state: dict | None, progress: bool, world: World, device: torch.device
+) -> TrainResult:
+    progress = progress and world.is_main
     with seeded(config.seed):
         learner = build_learner(config, data.train_set.image_shape)
     layout = memory_format(bool(config.channels_last))
@@ -160,8 +200,8 @@ def _run(config: RunConfig, run_dir: Path, data: _Data, state: dict | None, prog
     optimizer = torch.optim.Adam(learner.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = learning_rate_schedule(optimizer, config)
     sampler = EpisodeSampler(
-        data.train_set, config.ways, config.shots, config.queries, torch.Generator().manual_seed(config.seed),
-        *_augmentation(config),
+        data.train_set, config.ways, config.shots, config.queries,
+        torch.Generator().manual_seed(rank_seed(config.seed, world.rank)), *_augmentation(config, world.rank),
     )  # fmt: skip
     generators = {"sampler": sampler.generator}
     if sampler.augmentation_generator is not None:
@@ -171,21 +211,27 @@ def _run(config: RunConfig, run_dir: Path, data: _Data, state: dict | None, prog
         learner.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-        restore_random_state(state["random"], generators)
+        restore_random_state(state["random_ranks"][world.rank] if world.distributed else state["random"], generators)
         done = _Progress(**state["progress"])
-        _truncate_metrics(run_dir / METRICS_FILE, done.iteration)
+        if world.is_main:
+            _truncate_metrics(run_dir / METRICS_FILE, done.iteration)
 
     def checkpoint() -> None:
+        ranks = all_gather_objects(random_state(generators), world)  # every rank's draws, to resume them all
+        if not world.is_main:
+            return
         save_atomically(
             {"model": learner.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-             "random": random_state(generators), "progress": asdict(done), **checkpoint_metadata(config, data.train_set.image_shape)},
+             "random": ranks[0], "progress": asdict(done), **checkpoint_metadata(config, data.train_set.image_shape),
+             **({"random_ranks": ranks, "world_size": world.size} if world.distributed else {})},
             run_dir / LAST,
         )  # fmt: skip
 
     done.sessions.append(session_label())  # this session: the start, or a resume
     started = time.perf_counter() - done.seconds
     fresh = state is None
-    with open(run_dir / METRICS_FILE, "w" if fresh else "a", newline="") as handle, _StopSignals() as stop:
+    metrics_path = run_dir / METRICS_FILE if world.is_main else Path(os.devnull)  # rank 0 alone writes files
+    with open(metrics_path, "w" if fresh else "a", newline="") as handle, _StopSignals() as stop:
         metrics = csv.writer(handle)
         if fresh:
             metrics.writerow(METRICS_HEADER)
@@ -204,9 +250,12 @@ def _run(config: RunConfig, run_dir: Path, data: _Data, state: dict | None, prog
             penalty = regularisation(learner)
             if isinstance(penalty, torch.Tensor) and penalty.requires_grad:  # e.g. full static NSL's pull toward I
                 penalty.backward()
-            loss = result.loss.item()
+            average_gradients(list(learner.parameters()), world)
+            # Every rank takes the same decisions (step or skip, stop): from numbers averaged over ranks.
+            loss, accuracy, stopping = mean_over_ranks([result.loss.item(), result.accuracy, float(bool(stop.received))], world)
             if math.isfinite(loss):
                 optimizer.step()
+                average_buffers(learner, world)
             elif config.skip_nonfinite:
                 done.skipped_nonfinite += 1
             else:
@@ -219,7 +268,7 @@ def _run(config: RunConfig, run_dir: Path, data: _Data, state: dict | None, prog
             done.iteration = iteration
             if math.isfinite(loss):
                 done.window_loss.append(loss)
-                done.window_acc.append(result.accuracy)
+                done.window_acc.append(accuracy)
             if (iteration % LOG_EVERY == 0 or iteration == config.episodes) and done.window_loss:
                 mean_loss = sum(done.window_loss) / len(done.window_loss)
                 mean_acc = sum(done.window_acc) / len(done.window_acc)
@@ -228,23 +277,29 @@ def _run(config: RunConfig, run_dir: Path, data: _Data, state: dict | None, prog
                 bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{100 * mean_acc:.1f}")
                 done.window_loss, done.window_acc = [], []
             if data.val_manifest is not None and (iteration % config.val_every == 0 or iteration == config.episodes):
-                summary, _ = evaluate_learner(learner, data.val_set, data.val_manifest, device, layout, progress=False)
+                summary, _ = evaluate_learner(
+                    learner, data.val_set, data.val_manifest, device, layout, progress=False, world=world
+                )
                 metrics.writerow([iteration, "val", "", f"{summary.mean:.5f}", f"{summary.ci95:.5f}", "", f"{time.perf_counter() - started:.1f}"])
                 handle.flush()
                 if done.best_acc is None or summary.mean > done.best_acc:
                     done.best_acc = summary.mean
-                    save_atomically({"model": learner.state_dict(), "iteration": iteration, "val_acc": done.best_acc,
+                    if world.is_main:
+                        save_atomically({"model": learner.state_dict(), "iteration": iteration, "val_acc": done.best_acc,
                                      **checkpoint_metadata(config, data.train_set.image_shape)}, run_dir / BEST)  # fmt: skip
-                bar.write(f"iteration {iteration}: val {summary}" + (" (best)" if done.best_acc == summary.mean else ""))
+                if world.is_main:
+                    bar.write(f"iteration {iteration}: val {summary}" + (" (best)" if done.best_acc == summary.mean else ""))
             done.seconds = time.perf_counter() - started
             if iteration % config.checkpoint_every == 0 or iteration == config.episodes:
                 checkpoint()
-            if stop.received:
+            if stopping:
                 checkpoint()
                 raise Interrupted(
-                    f"stopped by {stop.received} at iteration {iteration} of {config.episodes}; the state is saved in "
+                    f"stopped by {stop.received or 'a signal to another rank'} at iteration {iteration} of {config.episodes}; the state is saved in "
                     f"{run_dir / LAST}: continue with `fewshot-nsl train --resume {run_dir}`"
                 )
+    if not world.is_main:
+        return TrainResult(run_dir, config.episodes, done.seconds, done.best_acc)
     if data.val_manifest is None:
         save_atomically({"model": learner.state_dict(), "iteration": config.episodes, "val_acc": None,
                          **checkpoint_metadata(config, data.train_set.image_shape)}, run_dir / BEST)  # fmt: skip
@@ -257,13 +312,13 @@ def _run(config: RunConfig, run_dir: Path, data: _Data, state: dict | None, prog
     return TrainResult(run_dir, config.episodes, done.seconds, done.best_acc)
 
 
-def _augmentation(config: RunConfig) -> tuple[Augmentation | None, torch.Generator | None]:
-    """The training augmentation and its own generator (seeded with ``seed + 1``, so turning augmentation
-    on leaves the sampler's episodes unchanged), or ``(None, None)``."""
+def _augmentation(config: RunConfig, rank: int) -> tuple[Augmentation | None, torch.Generator | None]:
+    """The training augmentation and its own generator (seeded from ``seed + 1`` and the rank, so turning
+    augmentation on leaves the sampler's episodes unchanged), or ``(None, None)``."""
     if not config.augment:
         return None, None
     augmentation = Augmentation(config.augment_crop_scale, config.augment_jitter, config.augment_flip)
-    return augmentation, torch.Generator().manual_seed(config.seed + 1)
+    return augmentation, torch.Generator().manual_seed(rank_seed(config.seed + 1, rank))
 
 
 def _truncate_metrics(path: Path, iteration: int) -> None:

@@ -1,0 +1,186 @@
+"""Several processes training one model, started by ``torchrun`` (PyTorch's own launcher).
+
+``torchrun --nproc_per_node=N -m fewshot_nsl train ...`` starts N copies of the
+command with ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set; :func:`joined` turns
+them into a process group (``gloo`` on CPU, ``nccl`` on GPUs) and a
+:class:`World`. A plain ``fewshot-nsl train`` is a world of one, and every
+helper here is then a no-op, so single-process runs are unchanged.
+
+What N ranks compute: each rank draws its own episodes (its generator is
+seeded by :func:`rank_seed` from the run's seed and its rank; rank 0's is the
+single-process generator), scores ``meta_batch`` of them and backpropagates;
+:func:`average_gradients` then averages the gradients over ranks, so every
+rank takes the optimiser step of the mean loss over ``N * meta_batch``
+episodes: the computation of one process with meta-batch ``N * meta_batch``
+fed the same episodes (tested with two CPU processes).
+
+Why gradients are averaged here and not by ``DistributedDataParallel``: DDP
+reduces during the backward of one forward through its wrapper, but the
+learners backpropagate task by task (sequential MAML, to bound memory) and
+call the backbone several times per task (support and query), outside any
+wrapper forward. One all-reduce of the flattened gradients after the batch's
+backward is the reduction DDP performs, without constraining the learners.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fewshot_nsl.errors import UserError
+
+# A collective that waits longer than this on a rank that stopped answering fails instead of hanging;
+# torchrun normally ends the job first, as soon as it sees a worker exit.
+COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the ranks of a run (a world of one when not launched by torchrun)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone writes checkpoints, metrics, summaries and leaderboard rows, and prints progress."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+SINGLE = World()
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun job, or a process not launched by torchrun (what the CLI prints from)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+@contextlib.contextmanager
+def joined(device: torch.device) -> Iterator[tuple[World, torch.device]]:
+    """Join the process group torchrun set up (if any) for the block; yields the world and this rank's device.
+
+    The backend follows the device: ``nccl`` for CUDA (each rank on GPU ``LOCAL_RANK``), ``gloo`` on CPU.
+    """
+    if not launched_by_torchrun() or dist.is_initialized():
+        yield current_world(), device
+        return
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(
+                f"rank with LOCAL_RANK {local_rank} has no GPU (this node has {torch.cuda.device_count()}); "
+                "lower torchrun's --nproc_per_node to the number of GPUs"
+            )
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
+    try:
+        yield current_world(), device
+    finally:
+        dist.destroy_process_group()
+
+
+def current_world() -> World:
+    if not dist.is_initialized():
+        return SINGLE
+    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The episode seed of ``rank``: ``seed`` itself for rank 0 (so one process samples as before),
+    else 63 bits of SHA-256 of ``(seed, rank)``, unrelated to any other rank's or run's seed."""
+    if rank == 0:
+        return seed
+    digest = hashlib.sha256(f"fewshot-nsl episodes {seed} {rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def average_gradients(parameters: Sequence[nn.Parameter], world: World) -> None:
+    """Replace each ``.grad`` by its mean over ranks (one all-reduce of the flattened gradients).
+
+    Parameters without a gradient must be the same on every rank (checked): one rank
+    averaging a gradient another never computed would be a silent error.
+    """
+    if not world.distributed:
+        return
+    with_grad = [p for p in parameters if p.grad is not None]
+    flat = torch.cat([p.grad.reshape(-1) for p in with_grad]) if with_grad else torch.zeros(0, device=_collective_device())
+    count = torch.tensor([flat.numel(), -flat.numel()], dtype=torch.float64, device=flat.device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    if count[0] != -count[1]:
+        raise RuntimeError("ranks computed gradients for different parameters; their learners differ")
+    dist.all_reduce(flat)
+    flat /= world.size
+    offset = 0
+    for parameter in with_grad:
+        size = parameter.grad.numel()
+        parameter.grad.copy_(flat[offset : offset + size].view_as(parameter.grad))
+        offset += size
+
+
+def average_buffers(module: nn.Module, world: World) -> None:
+    """Average floating-point buffers (BatchNorm running statistics) over ranks, so every rank and the
+    checkpoint carry statistics of all ranks' episodes rather than rank 0's alone."""
+    if not world.distributed:
+        return
+    buffers = [b for b in module.buffers() if b.is_floating_point()]
+    if not buffers:
+        return
+    flat = torch.cat([b.reshape(-1) for b in buffers])
+    dist.all_reduce(flat)
+    flat /= world.size
+    offset = 0
+    for buffer in buffers:
+        buffer.copy_(flat[offset : offset + buffer.numel()].view_as(buffer))
+        offset += buffer.numel()
+
+
+def mean_over_ranks(values: Sequence[float], world: World) -> list[float]:
+    """Element-wise mean of a few numbers (a logged loss and accuracy) over ranks."""
+    if not world.distributed:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(tensor)
+    return (tensor / world.size).tolist()
+
+
+def _collective_device() -> torch.device:
+    """Where small tensors for a collective must live: nccl reduces CUDA tensors only."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def gather_in_order(items: list, world: World) -> list:
+    """Concatenate every rank's list, rank 0's first (each rank holds a contiguous shard)."""
+    return [item for part in all_gather_objects(items, world) for item in part]
+
+
+def all_gather_objects(item: object, world: World) -> list:
+    """One picklable object from every rank, in rank order."""
+    if not world.distributed:
+        return [item]
+    gathered: list = [None] * world.size
+    dist.all_gather_object(gathered, item)
+    return gathered
+
+
+def shard(count: int, world: World) -> range:
+    """The contiguous slice of ``range(count)`` this rank handles (sizes differ by at most one)."""
+    start = world.rank * count // world.size
+    return range(start, (world.rank + 1) * count // world.size)
