@@ -3,6 +3,7 @@ exactly equal to one process, rank 0 alone writing, and resume under torchrun.""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -42,7 +43,7 @@ def test_rank_zero_samples_like_one_process_and_other_ranks_get_their_own_seeds(
     assert rank_seed(7, 2) == rank_seed(7, 2)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def env(real_omniglot_root: Path, real_cache_dir: Path) -> dict[str, str]:
     return dict(os.environ, **{DATA_ENV: str(real_omniglot_root), CACHE_ENV: str(real_cache_dir), "OMP_NUM_THREADS": "1"})
 
@@ -162,8 +163,12 @@ def worker_pids(launcher: subprocess.Popen) -> dict[int, int]:
     return workers
 
 
-def launch_until_checkpoint(args: list[str], env: dict[str, str], cwd: Path, checkpoint: Path) -> subprocess.Popen:
-    launcher = subprocess.Popen([*TORCHRUN, *args], env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def launch_until_checkpoint(
+    args: list[str], env: dict[str, str], cwd: Path, checkpoint: Path, launcher_flags: tuple[str, ...] = ()
+) -> subprocess.Popen:
+    """Start torchrun in the background and return once the run has written ``checkpoint``."""
+    argv = [*TORCHRUN[:-2], *launcher_flags, *TORCHRUN[-2:], *args]
+    launcher = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not checkpoint.exists():
         assert launcher.poll() is None, launcher.communicate()[1][-3000:]
@@ -172,13 +177,30 @@ def launch_until_checkpoint(args: list[str], env: dict[str, str], cwd: Path, che
     return launcher
 
 
-@pytest.mark.real_data
-def test_a_run_stopped_under_torchrun_resumes_to_the_uninterrupted_result(env: dict[str, str], tmp_path: Path) -> None:
-    flags = ["--ways", "5", "--shots", "1", "--queries", "1", "--episodes", "400", "--checkpoint-every", "5",
+SHORT_RUN = ["--ways", "5", "--shots", "1", "--queries", "1", "--episodes", "400", "--checkpoint-every", "5",
              "--val-episodes", "10", "--device", "cpu", "--no-progress"]  # fmt: skip
-    torchrun(["train", *flags, "--run-dir", str(tmp_path / "whole")], env, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """The final weights of SHORT_RUN trained by two processes without a stop."""
+    work = tmp_path_factory.mktemp("whole")
+    torchrun(["train", *SHORT_RUN, "--run-dir", str(work / "run")], env, work)
+    return load_checkpoint(work / "run" / LAST)["model"]
+
+
+def assert_same_weights(run_dir: Path, expected: dict[str, torch.Tensor]) -> None:
+    got = load_checkpoint(run_dir / LAST)["model"]
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), name
+
+
+@pytest.mark.real_data
+def test_a_run_stopped_under_torchrun_resumes_to_the_uninterrupted_result(
+    env: dict[str, str], tmp_path: Path, uninterrupted: dict[str, torch.Tensor]
+) -> None:
     stopped = tmp_path / "stopped"
-    launcher = launch_until_checkpoint(["train", *flags, "--run-dir", str(stopped)], env, tmp_path, stopped / LAST)
+    launcher = launch_until_checkpoint(["train", *SHORT_RUN, "--run-dir", str(stopped)], env, tmp_path, stopped / LAST)
     launcher.send_signal(signal.SIGTERM)  # what a scheduler does; torchrun passes it on to every rank
     _, stderr = launcher.communicate(timeout=120)
     assert launcher.returncode != 0 and "--resume" in stderr, stderr[-3000:]
@@ -189,9 +211,23 @@ def test_a_run_stopped_under_torchrun_resumes_to_the_uninterrupted_result(env: d
     )  # fmt: skip
     assert refused.returncode == 2 and "--nproc_per_node=2" in refused.stderr
     torchrun(["train", "--resume", str(stopped), "--no-progress"], env, tmp_path)
-    whole, resumed = (load_checkpoint(run / LAST)["model"] for run in (tmp_path / "whole", stopped))
-    for name, value in whole.items():
-        assert torch.equal(resumed[name], value), name
+    assert_same_weights(stopped, uninterrupted)
+
+
+@pytest.mark.real_data
+def test_torchrun_restarts_after_a_rank_dies_and_the_run_continues_from_its_checkpoint(
+    env: dict[str, str], tmp_path: Path, uninterrupted: dict[str, torch.Tensor]
+) -> None:
+    run_dir = tmp_path / "run"
+    launcher = launch_until_checkpoint(
+        ["train", *SHORT_RUN, "--run-dir", str(run_dir), "--resume-if-stopped"], env, tmp_path, run_dir / LAST,
+        launcher_flags=("--max-restarts", "1"),
+    )  # fmt: skip
+    os.kill(worker_pids(launcher)[1], signal.SIGKILL)
+    _, stderr = launcher.communicate(timeout=300)
+    assert launcher.returncode == 0, stderr[-3000:]
+    assert len(json.loads((run_dir / "train_summary.json").read_text())["train_sessions"]) == 2  # started, resumed
+    assert_same_weights(run_dir, uninterrupted)
 
 
 @pytest.mark.real_data

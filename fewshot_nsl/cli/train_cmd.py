@@ -98,6 +98,11 @@ def register(commands: argparse._SubParsersAction) -> None:
         else:
             parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text)
     parser.add_argument("--overwrite", action="store_true", help="start over in an existing run directory (the old run is moved aside)")
+    parser.add_argument(
+        "--resume-if-stopped", action="store_true",
+        help="continue the run directory's stopped run of this same config if there is one, else start: for "
+        "`torchrun --max-restarts`, which restarts the original command",
+    )  # fmt: skip
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last.pt (no other training flags)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=handle)
@@ -107,12 +112,15 @@ def handle(args: argparse.Namespace) -> None:
     keys = set(RunConfig.field_names())
     overrides = {k: v for k, v in vars(args).items() if k in keys}
     if args.resume:
-        if overrides or args.config or args.overwrite:
+        if overrides or args.config or args.overwrite or args.resume_if_stopped:
             raise UserError("--resume continues a run exactly as configured; drop the other training flags")
         result = resume(Path(args.resume), progress=not args.no_progress)
     else:
         config = load_config(args.config) if args.config else RunConfig()
-        result = train(config.updated(overrides), overwrite=args.overwrite, progress=not args.no_progress)
+        result = train(
+            config.updated(overrides), overwrite=args.overwrite, progress=not args.no_progress,
+            resume_stopped=args.resume_if_stopped,
+        )  # fmt: skip
     best = "n/a" if result.best_val_acc is None else f"{100 * result.best_val_acc:.2f}%"
     if is_main_process():
         print(f"trained {result.iterations} iterations in {result.seconds:.0f} s; best validation accuracy {best}; run in {result.run_dir}")

@@ -110,16 +110,25 @@ class _Data:
     val_manifest: Manifest | None
 
 
-def train(config: RunConfig, overwrite: bool = False, progress: bool = True) -> TrainResult:
+def train(config: RunConfig, overwrite: bool = False, progress: bool = True, resume_stopped: bool = False) -> TrainResult:
     """Train a learner as ``config`` says and leave a complete run directory.
 
     Under ``torchrun`` every rank calls this; they train one model together (``engine.distributed``)
-    and rank 0 alone writes the run directory.
+    and rank 0 alone writes the run directory. ``resume_stopped``: if the run directory holds a
+    stopped run of this same config, continue it instead (what a restart by ``torchrun
+    --max-restarts`` needs, since it repeats the original command).
     """
     config = config.resolve()
     device = resolve_device(config.device)  # a device that is not there fails before any data is read
     run_dir = Path(config.run_dir) if config.run_dir else default_run_dir(config)
     config = config.updated({"protocol": resolve_protocol(config.dataset, config.protocol), "run_dir": str(run_dir)})
+    if resume_stopped and (run_dir / LAST).exists() and not (run_dir / SUMMARY_FILE).exists():
+        if read_config(run_dir) != config:
+            raise UserError(
+                f"{run_dir} holds a stopped run of another config; give another --run-dir, or resume that run "
+                f"with `fewshot-nsl train --resume {run_dir}`"
+            )
+        return resume(run_dir, progress)
     with joined(device) as (world, device):
         data = _load_data(config)
         moved = _on_main(world, lambda: prepare_run_dir(run_dir, config, overwrite))
