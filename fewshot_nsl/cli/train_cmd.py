@@ -116,6 +116,8 @@ def handle(args: argparse.Namespace) -> None:
             raise UserError("--resume continues a run exactly as configured; drop the other training flags")
         result = resume(Path(args.resume), progress=not args.no_progress)
     else:
+        if args.overwrite and args.resume_if_stopped:
+            raise UserError("--overwrite starts over and --resume-if-stopped continues: choose one")
         config = load_config(args.config) if args.config else RunConfig()
         result = train(
             config.updated(overrides), overwrite=args.overwrite, progress=not args.no_progress,

@@ -115,8 +115,8 @@ def rank_seed(seed: int, rank: int) -> int:
 def average_gradients(parameters: Sequence[nn.Parameter], world: World) -> None:
     """Replace each ``.grad`` by its mean over ranks (one all-reduce of the flattened gradients).
 
-    Parameters without a gradient must be the same on every rank (checked): one rank
-    averaging a gradient another never computed would be a silent error.
+    Parameters without a gradient must be the same on every rank: one rank averaging a gradient
+    another never computed would be an error, caught here when the ranks' gradient sizes differ.
     """
     if not world.distributed:
         return

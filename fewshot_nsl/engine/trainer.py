@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import signal
@@ -122,13 +123,15 @@ def train(config: RunConfig, overwrite: bool = False, progress: bool = True, res
     device = resolve_device(config.device)  # a device that is not there fails before any data is read
     run_dir = Path(config.run_dir) if config.run_dir else default_run_dir(config)
     config = config.updated({"protocol": resolve_protocol(config.dataset, config.protocol), "run_dir": str(run_dir)})
-    if resume_stopped and (run_dir / LAST).exists() and not (run_dir / SUMMARY_FILE).exists():
+    if resume_stopped and (run_dir / CONFIG_FILE).exists():
         if read_config(run_dir) != config:
-            raise UserError(
-                f"{run_dir} holds a stopped run of another config; give another --run-dir, or resume that run "
-                f"with `fewshot-nsl train --resume {run_dir}`"
-            )
-        return resume(run_dir, progress)
+            raise UserError(f"{run_dir} holds a run of another config; give another --run-dir")
+        if (run_dir / SUMMARY_FILE).exists():  # finished before the restart
+            summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+            return TrainResult(run_dir, summary["iterations"], summary["train_seconds"], summary["best_val_acc"])
+        if (run_dir / LAST).exists():
+            return resume(run_dir, progress)
+        overwrite = True  # stopped before its first checkpoint: start it again
     with joined(device) as (world, device):
         data = _load_data(config)
         moved = _on_main(world, lambda: prepare_run_dir(run_dir, config, overwrite))
@@ -138,17 +141,27 @@ def train(config: RunConfig, overwrite: bool = False, progress: bool = True, res
 
 
 def _on_main(world: World, action: Any) -> Any:
-    """Run ``action`` on rank 0; a ``UserError`` there is raised on every rank (none waits for it forever)."""
+    """Run ``action`` on rank 0; if it raises, every rank raises too (none waits for it forever)."""
     result, error = None, None
     if world.is_main:
         try:
             result = action()
-        except UserError as raised:
-            error = str(raised)
-    errors = [e for e in all_gather_objects(error, world) if e is not None]
-    if errors:
-        raise UserError(errors[0])
+        except Exception as raised:  # noqa: BLE001 - re-raised below on every rank
+            error = raised
+    failures = [e for e in all_gather_objects(None if error is None else (type(error) is UserError, str(error)), world) if e]
+    if error is not None:
+        raise error
+    if failures:
+        user_error, message = failures[0]
+        raise UserError(message) if user_error else RuntimeError(f"rank 0 failed: {message}")
     return result
+
+
+def resume_command(run_dir: Path, world: World) -> str:
+    """The command that continues a stopped run, as it must be launched."""
+    if world.distributed:
+        return f"torchrun --nproc_per_node={world.size} -m fewshot_nsl train --resume {run_dir}"
+    return f"fewshot-nsl train --resume {run_dir}"
 
 
 def resume(run_dir: Path, progress: bool = True) -> TrainResult:
@@ -204,6 +217,8 @@ def _run(
     progress = progress and world.is_main
     with seeded(config.seed):
         learner = build_learner(config, data.train_set.image_shape)
+    if world.rank > 0:  # draws from the global generator (DropBlock masks) differ between ranks, as episodes do
+        torch.manual_seed(rank_seed(config.seed, world.rank))
     layout = memory_format(bool(config.channels_last))
     learner.to(device, memory_format=layout)
     optimizer = torch.optim.Adam(learner.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -262,16 +277,16 @@ def _run(
             average_gradients(list(learner.parameters()), world)
             # Every rank takes the same decisions (step or skip, stop): from numbers averaged over ranks.
             loss, accuracy, stopping = mean_over_ranks([result.loss.item(), result.accuracy, float(bool(stop.received))], world)
+            average_buffers(learner, world)  # the forward updated each rank's running statistics
             if math.isfinite(loss):
                 optimizer.step()
-                average_buffers(learner, world)
             elif config.skip_nonfinite:
                 done.skipped_nonfinite += 1
             else:
                 raise UserError(
                     f"the training loss became {loss} at iteration {iteration}; stopped before applying it. "
                     f"{run_dir / LAST} keeps the last good state (iteration {done.iteration}): lower --lr and "
-                    f"`fewshot-nsl train --resume {run_dir}`, or train with --skip-nonfinite to skip and count such batches"
+                    f"`{resume_command(run_dir, world)}`, or train with --skip-nonfinite to skip and count such batches"
                 )
             schedule.step()
             done.iteration = iteration
@@ -305,7 +320,7 @@ def _run(
                 checkpoint()
                 raise Interrupted(
                     f"stopped by {stop.received or 'a signal to another rank'} at iteration {iteration} of {config.episodes}; the state is saved in "
-                    f"{run_dir / LAST}: continue with `fewshot-nsl train --resume {run_dir}`"
+                    f"{run_dir / LAST}: continue with `{resume_command(run_dir, world)}`"
                 )
     if not world.is_main:
         return TrainResult(run_dir, config.episodes, done.seconds, done.best_acc)
