@@ -9,6 +9,7 @@ or a row/run written before training commits were recorded).
 
 from __future__ import annotations
 
+import functools
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,8 +20,13 @@ CLEAN, DIRTY, UNVERIFIED = "clean", "dirty", "unverified"
 DIRTY_MARK = "+dirty"  # suffix of a session's commit when its tree had uncommitted changes
 
 
+@functools.cache
 def source_state() -> tuple[str, bool | None]:
-    """The commit of the code that runs, and whether the package has uncommitted changes (None: unknown)."""
+    """The commit of the code that runs, and whether the package has uncommitted changes (None: unknown).
+
+    Read once per process (at its first result: training's start, or the evaluation): a commit
+    made while a long run goes on changes the checkout, not the code the process has loaded.
+    """
 
     def git(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["git", *args], cwd=Path(fewshot_nsl.__file__).parent, capture_output=True, text=True, timeout=5)
