@@ -314,7 +314,7 @@ def tabulate(name: str, suite: Suite, board: Path, command: str, origin: dict, c
             ref = PUBLISHED_MAML_PLUS_PLUS.get((row.dataset, row.ways, row.shots))
         else:
             ref = PUBLISHED.get((row.dataset, row.method, row.ways, row.shots))
-        ref = ref if row.similarity == "conv" else None
+        ref = ref if row.similarity == "conv" and row.backbone == "conv4" else None  # the published figures are Conv-4's
         lines.append(
             f"| {Path(row.run_dir).name} | {row.method} | {row.similarity} | {row.head} | {row.network} | {row.ways}w{row.shots}s | "
             f"{row.episodes} | {100 * row.acc:.2f} ± {100 * row.ci95:.2f} | {ref if ref else '—'} | {row.train_episodes} | "
