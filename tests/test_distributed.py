@@ -3,7 +3,6 @@ exactly equal to one process, rank 0 alone writing, and resume under torchrun.""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -40,7 +39,6 @@ def test_rank_zero_samples_like_one_process_and_other_ranks_get_their_own_seeds(
     assert rank_seed(7, 0) == 7
     seeds = {rank_seed(seed, rank) for seed in range(4) for rank in range(1, 4)}
     assert len(seeds) == 12 and not seeds & set(range(4))
-    assert rank_seed(7, 2) == rank_seed(7, 2)
 
 
 @pytest.fixture(scope="module")
@@ -163,12 +161,9 @@ def worker_pids(launcher: subprocess.Popen) -> dict[int, int]:
     return workers
 
 
-def launch_until_checkpoint(
-    args: list[str], env: dict[str, str], cwd: Path, checkpoint: Path, launcher_flags: tuple[str, ...] = ()
-) -> subprocess.Popen:
+def launch_until_checkpoint(args: list[str], env: dict[str, str], cwd: Path, checkpoint: Path) -> subprocess.Popen:
     """Start torchrun in the background and return once the run has written ``checkpoint``."""
-    argv = [*TORCHRUN[:-2], *launcher_flags, *TORCHRUN[-2:], *args]
-    launcher = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    launcher = subprocess.Popen([*TORCHRUN, *args], env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not checkpoint.exists():
         assert launcher.poll() is None, launcher.communicate()[1][-3000:]
@@ -212,22 +207,6 @@ def test_a_run_stopped_under_torchrun_resumes_to_the_uninterrupted_result(
     assert refused.returncode == 2 and "--nproc_per_node=2" in refused.stderr
     torchrun(["train", "--resume", str(stopped), "--no-progress"], env, tmp_path)
     assert_same_weights(stopped, uninterrupted)
-
-
-@pytest.mark.real_data
-def test_torchrun_restarts_after_a_rank_dies_and_the_run_continues_from_its_checkpoint(
-    env: dict[str, str], tmp_path: Path, uninterrupted: dict[str, torch.Tensor]
-) -> None:
-    run_dir = tmp_path / "run"
-    launcher = launch_until_checkpoint(
-        ["train", *SHORT_RUN, "--run-dir", str(run_dir), "--resume-if-stopped"], env, tmp_path, run_dir / LAST,
-        launcher_flags=("--max-restarts", "3"),  # spare restarts: under heavy load gloo's reconnect has timed out
-    )  # fmt: skip
-    os.kill(worker_pids(launcher)[1], signal.SIGKILL)
-    _, stderr = launcher.communicate(timeout=300)
-    assert launcher.returncode == 0, stderr[-3000:]
-    assert len(json.loads((run_dir / "train_summary.json").read_text())["train_sessions"]) >= 2  # started, resumed
-    assert_same_weights(run_dir, uninterrupted)
 
 
 @pytest.mark.real_data

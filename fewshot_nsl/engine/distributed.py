@@ -120,36 +120,33 @@ def average_gradients(parameters: Sequence[nn.Parameter], world: World) -> None:
     """
     if not world.distributed:
         return
-    with_grad = [p for p in parameters if p.grad is not None]
-    flat = torch.cat([p.grad.reshape(-1) for p in with_grad]) if with_grad else torch.zeros(0, device=_collective_device())
-    count = torch.tensor([flat.numel(), -flat.numel()], dtype=torch.float64, device=flat.device)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    size = sum(g.numel() for g in grads)
+    count = torch.tensor([size, -size], dtype=torch.float64, device=_collective_device())
     dist.all_reduce(count, op=dist.ReduceOp.MAX)
     if count[0] != -count[1]:
         raise RuntimeError("ranks computed gradients for different parameters; their learners differ")
-    dist.all_reduce(flat)
-    flat /= world.size
-    offset = 0
-    for parameter in with_grad:
-        size = parameter.grad.numel()
-        parameter.grad.copy_(flat[offset : offset + size].view_as(parameter.grad))
-        offset += size
+    _average_in_place(grads, world)
 
 
 def average_buffers(module: nn.Module, world: World) -> None:
     """Average floating-point buffers (BatchNorm running statistics) over ranks, so every rank and the
     checkpoint carry statistics of all ranks' episodes rather than rank 0's alone."""
-    if not world.distributed:
+    if world.distributed:
+        _average_in_place([b for b in module.buffers() if b.is_floating_point()], world)
+
+
+def _average_in_place(tensors: list[torch.Tensor], world: World) -> None:
+    """Each tensor becomes its mean over ranks: one all-reduce of them flattened together."""
+    if not tensors:
         return
-    buffers = [b for b in module.buffers() if b.is_floating_point()]
-    if not buffers:
-        return
-    flat = torch.cat([b.reshape(-1) for b in buffers])
+    flat = torch.cat([t.reshape(-1) for t in tensors])
     dist.all_reduce(flat)
     flat /= world.size
     offset = 0
-    for buffer in buffers:
-        buffer.copy_(flat[offset : offset + buffer.numel()].view_as(buffer))
-        offset += buffer.numel()
+    for tensor in tensors:
+        tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
+        offset += tensor.numel()
 
 
 def mean_over_ranks(values: Sequence[float], world: World) -> list[float]:
