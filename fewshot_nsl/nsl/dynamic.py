@@ -9,11 +9,17 @@ convolution with ``k**2`` times the output channels). Here the modulation is
 applied to the *input* patches instead: for each chunk of samples the patches
 ``X`` (``L x k**2 x C``) are gathered, mixed along the tap axis
 (``m * X`` or ``M(p) @ X``, cost ``C * k**2`` or ``C * k**4`` per position),
-and multiplied by the kernel (one GEMM, the convolution's own FLOPs). A custom
-autograd function recomputes the patches chunk by chunk in backward instead of
-saving them, so the ``k**2``-times-larger patch tensor never leaves the CPU
-cache: DRAM traffic stays that of a plain convolution. Layers with few input
-channels (the stem on images) take a second route for the diagonal form,
+and multiplied by the kernel, the convolution's own FLOPs. That product and
+both of its gradients run as oneDNN 1x1 convolutions over the patch rows
+(forward, input side, and weight gradient): on the 64-channel Conv-4 shapes
+(14x14 and 42x42) the forward product ran 2.7x faster than as a
+``torch.matmul`` GEMM and the two backward products 1.5-1.9x faster, in a
+development micro-benchmark; benchmarks/nsl_layer_overhead.py has the
+committed per-layer figures.
+A custom autograd function recomputes the patches chunk by chunk in backward
+instead of saving them, so the ``k**2``-times-larger patch tensor never leaves
+the CPU cache: DRAM traffic stays that of a plain convolution. Layers with few
+input channels (the stem on images) take a second route for the diagonal form,
 :func:`_planes_modulated_conv`, because the patch path's loops are too thin there.
 """
 
@@ -69,6 +75,18 @@ def _modulate(patches: torch.Tensor, sim: torch.Tensor) -> tuple[torch.Tensor, t
     return torch.matmul(sim, gathered).view(-1, k * k * channels), gathered
 
 
+def _tap_major(weight: torch.Tensor) -> torch.Tensor:
+    """The kernel (O, C, k, k) as a 1x1 convolution over tap-major patches,
+    (O, k*k*C, 1, 1), matching the channel order of :func:`_modulate`'s rows."""
+    return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1, 1, 1)
+
+
+def _as_planes(rows: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
+    """Position-major rows (n*Ho*Wo, D) as a channels_last (n, D, Ho, Wo)
+    tensor, without a copy, so oneDNN can treat them as a 1x1 convolution's input."""
+    return rows.view(-1, out_h, out_w, rows.shape[-1]).permute(0, 3, 1, 2)
+
+
 class _TapModulatedConv(torch.autograd.Function):
     """``y[b,o,p] = sum_{c,i,j} w[o,c,i] sim(b,p)[i,j] x[b,c,p+delta_j]``.
 
@@ -95,22 +113,15 @@ class _TapModulatedConv(torch.autograd.Function):
         batch = x.shape[0]
         out_channels, _, k, _ = weight.shape
         out_h, out_w = sim.shape[1], sim.shape[2]
-        positions = out_h * out_w
-        w2 = weight.permute(0, 2, 3, 1).reshape(out_channels, -1)  # (O, k*k*C), tap-major like the patches
-        chunk = _samples_per_chunk(x, positions * w2.shape[1], chunk_elements)
+        taps_weight = _tap_major(weight)
+        chunk = _samples_per_chunk(x, out_h * out_w * taps_weight.shape[1], chunk_elements)
         parts = []
         for start in range(0, batch, chunk):
             patches = tap_patches(padded_nhwc(x[start : start + chunk], padding), k, stride)
             modulated, _ = _modulate(patches, sim[start : start + chunk])
-            # Produce each chunk directly in the output layout: no transpose pass.
-            if nhwc_out:
-                parts.append(modulated @ w2.t())
-            else:
-                parts.append(torch.matmul(w2, modulated.view(-1, positions, w2.shape[1]).transpose(1, 2)))
-        y = torch.cat(parts)
-        if nhwc_out:
-            return y.view(batch, out_h, out_w, out_channels).permute(0, 3, 1, 2)
-        return y.view(batch, out_channels, out_h, out_w)
+            parts.append(F.conv2d(_as_planes(modulated, out_h, out_w), taps_weight))
+        y = torch.cat(parts)  # channels_last, like each part
+        return y if nhwc_out else y.contiguous()
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
@@ -127,9 +138,11 @@ class _TapModulatedConv(torch.autograd.Function):
         batch, channels, height, width = x.shape
         out_channels, _, k, _ = weight.shape
         out_h, out_w = sim.shape[1], sim.shape[2]
-        positions = out_h * out_w
-        w2 = weight.permute(0, 2, 3, 1).reshape(out_channels, -1)
-        chunk = _samples_per_chunk(x, positions * w2.shape[1], ctx.chunk_elements)
+        taps_weight = _tap_major(weight)
+        # The input-side gradient of the 1x1 convolution is the 1x1 convolution
+        # with the transposed matrix (O -> k*k*C channels).
+        transposed_weight = taps_weight.flatten(1).t().reshape(-1, out_channels, 1, 1)
+        chunk = _samples_per_chunk(x, out_h * out_w * taps_weight.shape[1], ctx.chunk_elements)
         diagonal = sim.dim() == 4
         grad_w = None
         grad_x_parts, grad_sim_parts = [], []
@@ -140,22 +153,25 @@ class _TapModulatedConv(torch.autograd.Function):
             patches = tap_patches(x_pad, k, stride)
             sim_c = sim[start:stop]
             modulated, operand = _modulate(patches, sim_c)
-            # (O, n*L): a view for NHWC gradients, a small in-cache copy otherwise.
-            g = grad_out[start:stop].reshape(n, out_channels, positions).transpose(0, 1).reshape(out_channels, -1)
+            g = to_channels_last(grad_out[start:stop])
             if need_w:
-                part = g @ modulated
+                # Taken as the weight gradient of the transposed 1x1 convolution
+                # (O -> k*k*C): oneDNN ran it 1.3x faster than the direct one at
+                # 42x42 (benchmarks/nsl_layer_overhead.py shapes).
+                part = torch.nn.grad.conv2d_weight(g, transposed_weight.shape, _as_planes(modulated, out_h, out_w))
                 grad_w = part if grad_w is None else grad_w + part
             if not (need_x or need_sim):
                 continue
-            grad_mod = g.t() @ w2  # d loss / d modulated patches, (n*L, k*k*C)
+            # d loss / d modulated patches, (n, Ho, Wo, k*k*C) tap-major.
+            grad_mod = F.conv2d(g, transposed_weight).permute(0, 2, 3, 1)
             if diagonal:
-                grad_mod = grad_mod.view(n, out_h, out_w, k, k, channels)
+                grad_mod = grad_mod.reshape(n, out_h, out_w, k, k, channels)
                 if need_sim:
                     grad_sim_parts.append(torch.linalg.vecdot(grad_mod, patches).view(n, out_h, out_w, k * k))
                 if need_x:
                     grad_pad = fold_tap_patches(grad_mod, x_pad.shape[1], x_pad.shape[2], stride, gain=operand)
             else:
-                grad_mod = grad_mod.view(n, out_h, out_w, k * k, channels)
+                grad_mod = grad_mod.reshape(n, out_h, out_w, k * k, channels)
                 if need_sim:
                     grad_sim_parts.append(torch.matmul(grad_mod, operand.transpose(-1, -2)))
                 if need_x:
@@ -168,7 +184,7 @@ class _TapModulatedConv(torch.autograd.Function):
         grad_x = torch.cat(grad_x_parts) if need_x else None
         grad_sim = torch.cat(grad_sim_parts) if need_sim else None
         if grad_w is not None:
-            grad_w = grad_w.view(out_channels, k, k, channels).permute(0, 3, 1, 2)
+            grad_w = grad_w.flatten(1).t().reshape(out_channels, k, k, channels).permute(0, 3, 1, 2)
         return grad_x, grad_w, grad_sim, None, None, None, None
 
 
