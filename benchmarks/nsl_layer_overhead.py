@@ -14,6 +14,8 @@ into its two parts, so the report shows where the time goes:
   (``patch path``), to show why they take the planes path.
 
 Stems get no input gradient (their input is the images), like in training.
+At the 14×14 and 42×42 shapes an operator profile (``torch.profiler``) of the
+diagonal modulated convolution's training step follows the table.
 
 Each is timed twice: forward + backward, and the forward alone under
 ``no_grad`` (as in evaluation). Variants are timed alternately over several
@@ -100,6 +102,30 @@ def modulated_only(layer: DynamicNSLConv2d, x: torch.Tensor, planes: bool) -> Ca
     return lambda: _TapModulatedConv.apply(x, layer.weight, tap_last, layer.stride, layer.padding, True)
 
 
+PROFILED_SHAPES = ("omniglot 14×14 ×200", "mini 42×42 ×100")
+PROFILED_VARIANT = "dynamic-diagonal-h16: modulated conv"
+PROFILE_TOP = 8
+
+
+def op_profile(step: Callable[[], None], repeats: int) -> list[tuple[str, float]]:
+    """Milliseconds per step by operator (self CPU time, torch.profiler), the largest first."""
+    step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        for _ in range(repeats):
+            step()
+    totals = [(event.key, event.self_cpu_time_total / 1000 / repeats) for event in profiler.key_averages()]
+    return sorted(totals, key=lambda item: -item[1])
+
+
+def profile_lines(shape: str, profile: list[tuple[str, float]], plain: list[tuple[str, float]]) -> list[str]:
+    total, plain_total = sum(ms for _, ms in profile), sum(ms for _, ms in plain)
+    lines = [f"**{shape}**, {PROFILED_VARIANT} {total:.1f} ms against plain conv {plain_total:.1f} ms "
+             f"(profiled, so slower than the timings above):", "", "| operator | ms per step | share |", "|---|---|---|"]  # fmt: skip
+    lines += [f"| `{name}` | {ms:.1f} | {100 * ms / total:.0f}% |" for name, ms in profile[:PROFILE_TOP]]
+    rest = sum(ms for _, ms in profile[PROFILE_TOP:])
+    return lines + [f"| everything else | {rest:.1f} | {100 * rest / total:.0f}% |", ""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
@@ -108,6 +134,7 @@ def main() -> None:
     args = parser.parse_args()
     origin = provenance(args.allow_dirty or getattr(args, "quick", False))
     rows = []
+    profiles: list[str] = []
     for shape_name, (batch, side, in_channels) in SHAPES.items():
         stem = in_channels != CHANNELS
         generator = torch.Generator().manual_seed(0)
@@ -137,6 +164,10 @@ def main() -> None:
                 for _ in range(args.repeats):
                     step()
                 times[name].append((time.perf_counter() - start) / args.repeats)
+        if shape_name in PROFILED_SHAPES:
+            profiles += profile_lines(
+                shape_name, op_profile(steps[PROFILED_VARIANT], args.repeats), op_profile(steps["conv"], args.repeats)
+            )
         for name in forwards:
             variant = VARIANTS.get(name.split(":")[0], Similarity("conv"))
             positions = batch * side * side
@@ -172,7 +203,9 @@ def main() -> None:
         "(input gradient except for stems, weight and similarity gradients), and the forward alone under `no_grad`, "
         "against `nn.Conv2d` in the same run; the FLOP ratios are the corrected floors of `nsl_overhead.py`. The "
         "`meta-network` and `modulated conv` rows split the dynamic layer into its two halves; `patch path` is the "
-        "diagonal form's other implementation, which stems do not take.\n\n" + "\n".join(lines) + "\n"
+        "diagonal form's other implementation, which stems do not take.\n\n" + "\n".join(lines) + "\n\n"
+        "## Where the modulated convolution's time goes\n\nOperators of one forward + backward step of the "
+        "64→64 tap-modulated convolution (diagonal, fixed similarity), by self CPU time.\n\n" + "\n".join(profiles)
     )
     write_results("nsl_layer_overhead", {"machine": info, "rounds": args.rounds, "repeats": args.repeats, "rows": rows}, text, origin)
 

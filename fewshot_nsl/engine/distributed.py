@@ -8,18 +8,16 @@ helper here is then a no-op, so single-process runs are unchanged.
 
 What N ranks compute: each rank draws its own episodes (its generator is
 seeded by :func:`rank_seed` from the run's seed and its rank; rank 0's is the
-single-process generator), scores ``meta_batch`` of them and backpropagates;
-:func:`average_gradients` then averages the gradients over ranks, so every
-rank takes the optimiser step of the mean loss over ``N * meta_batch``
-episodes: the computation of one process with meta-batch ``N * meta_batch``
-fed the same episodes (tested with two CPU processes).
-
-Why gradients are averaged here and not by ``DistributedDataParallel``: DDP
-reduces during the backward of one forward through its wrapper, but the
-learners backpropagate task by task (sequential MAML, to bound memory) and
-call the backbone several times per task (support and query), outside any
-wrapper forward. One all-reduce of the flattened gradients after the batch's
-backward is the reduction DDP performs, without constraining the learners.
+single-process generator), scores ``meta_batch`` of them and backpropagates
+through :func:`data_parallel`'s ``DistributedDataParallel`` wrapper, which
+averages the gradients over ranks during the backward; so every rank takes the
+optimiser step of the mean loss over ``N * meta_batch`` episodes: the
+computation of one process with meta-batch ``N * meta_batch`` fed the same
+episodes (tested with two CPU processes). DDP wraps the learner's
+``batch_loss`` (:class:`MetaBatchObjective`), not its two-phase ``fit`` /
+``forward``, because that is the one forward whose backward trains it; a
+learner that backpropagates a meta-batch task by task (sequential MAML) runs
+all tasks but the last under DDP's ``no_sync``, DDP's own gradient accumulation.
 """
 
 from __future__ import annotations
@@ -27,19 +25,31 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from fewshot_nsl.episodes.episode import Episode
 from fewshot_nsl.errors import UserError
+from fewshot_nsl.learners.base import BatchResult, FewShotLearner
 
 # A collective that waits longer than this on a rank that stopped answering fails instead of hanging;
 # torchrun normally ends the job first, as soon as it sees a worker exit.
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+
+
+# DDP warns when a gradient's strides differ from its bucket's, which copies the parameter's. A
+# kernel with one input channel (the stem on Omniglot) is contiguous and channels_last at once:
+# oneDNN's convolution hands it a gradient in one of the two stride sets, a reshape (static NSL's
+# fold, dynamic NSL's planes path) in the other. They differ only on that size-1 dimension, the
+# memory order is the same and the copy a plain one, so that case alone is silenced.
+AMBIGUOUS_STRIDES_WARNING = r"(?s)Grad strides do not match bucket view strides.*grad\.sizes\(\) = \[\d+, 1, \d+, \d+\]"
 
 
 @dataclass(frozen=True)
@@ -92,7 +102,9 @@ def joined(device: torch.device) -> Iterator[tuple[World, torch.device]]:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
     try:
-        yield current_world(), device
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=AMBIGUOUS_STRIDES_WARNING)
+            yield current_world(), device
     finally:
         dist.destroy_process_group()
 
@@ -112,21 +124,33 @@ def rank_seed(seed: int, rank: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def average_gradients(parameters: Sequence[nn.Parameter], world: World) -> None:
-    """Replace each ``.grad`` by its mean over ranks (one all-reduce of the flattened gradients).
+class MetaBatchObjective(nn.Module):
+    """A learner's ``batch_loss`` as a module's forward, the form ``DistributedDataParallel`` wraps."""
 
-    Parameters without a gradient must be the same on every rank: one rank averaging a gradient
-    another never computed would be an error, caught here when the ranks' gradient sizes differ.
+    def __init__(self, learner: FewShotLearner):
+        super().__init__()
+        self.learner = learner
+
+    def forward(self, episodes: Sequence[Episode]) -> BatchResult:
+        return self.learner.batch_loss(episodes)
+
+
+def data_parallel(
+    learner: FewShotLearner, world: World
+) -> tuple[Callable[[Sequence[Episode]], BatchResult] | None, Callable[[], contextlib.AbstractContextManager]]:
+    """The ``objective`` and ``unsynced`` arguments of ``learner.backward_batch`` for this world.
+
+    A world of one: ``(None, nullcontext)``, the learner's own ``batch_loss``. Under torchrun: a
+    ``DistributedDataParallel`` around the learner (built after it is on its device and loaded; DDP
+    then checks every rank holds parameters of the same shapes and copies rank 0's values) and its
+    ``no_sync``. Buffers are not synced from rank 0 at each forward: BatchNorm statistics are
+    averaged over ranks instead (:func:`average_buffers`). A parameter that gets no gradient makes
+    DDP fail loudly (no ``find_unused_parameters``): every learner here uses all it trains.
     """
     if not world.distributed:
-        return
-    grads = [p.grad for p in parameters if p.grad is not None]
-    size = sum(g.numel() for g in grads)
-    count = torch.tensor([size, -size], dtype=torch.float64, device=_collective_device())
-    dist.all_reduce(count, op=dist.ReduceOp.MAX)
-    if count[0] != -count[1]:
-        raise RuntimeError("ranks computed gradients for different parameters; their learners differ")
-    _average_in_place(grads, world)
+        return None, contextlib.nullcontext
+    wrapped = DistributedDataParallel(MetaBatchObjective(learner), forward_sync_buffers=False)
+    return wrapped, wrapped.no_sync
 
 
 def average_buffers(module: nn.Module, world: World) -> None:

@@ -40,7 +40,7 @@ from fewshot_nsl.engine.distributed import (
     World,
     all_gather_objects,
     average_buffers,
-    average_gradients,
+    data_parallel,
     joined,
     mean_over_ranks,
     rank_seed,
@@ -239,6 +239,7 @@ def _run(
         done = _Progress(**state["progress"])
         if world.is_main:
             _truncate_metrics(run_dir / METRICS_FILE, done.iteration)
+    objective, unsynced = data_parallel(learner, world)
 
     def checkpoint() -> None:
         ranks = all_gather_objects(random_state(generators), world)  # every rank's draws, to resume them all
@@ -270,11 +271,12 @@ def _run(
             batch = [sampler.sample().to(device, layout) for _ in range(config.meta_batch)]
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp):
-                result = learner.backward_batch(batch)
+                result = learner.backward_batch(batch, objective, unsynced)
             penalty = regularisation(learner)
-            if isinstance(penalty, torch.Tensor) and penalty.requires_grad:  # e.g. full static NSL's pull toward I
+            # e.g. full static NSL's pull toward I: a function of the parameters alone, the same on every rank,
+            # so its gradient needs no averaging (under torchrun it is added after DDP's reduction).
+            if isinstance(penalty, torch.Tensor) and penalty.requires_grad:
                 penalty.backward()
-            average_gradients(list(learner.parameters()), world)
             # Every rank takes the same decisions (step or skip, stop): from numbers averaged over ranks.
             loss, accuracy, stopping = mean_over_ranks([result.loss.item(), result.accuracy, float(bool(stop.received))], world)
             average_buffers(learner, world)  # the forward updated each rank's running statistics

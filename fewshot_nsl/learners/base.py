@@ -8,7 +8,8 @@ implements these plugs in. Learners see tensors only: never a dataset name.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -59,15 +60,37 @@ class FewShotLearner(nn.Module, abc.ABC):
         logits = [self.episode_logits(episode) for episode in episodes]
         return summarise(logits, [episode.query_labels for episode in episodes])
 
-    def backward_batch(self, episodes: Sequence[Episode]) -> BatchResult:
+    def backward_parts(self, episodes: Sequence[Episode]) -> list[Sequence[Episode]]:
+        """The parts ``backward_batch`` backpropagates one after another, each graph freed before
+        the next is built: the whole meta-batch (one graph) unless a learner bounds memory otherwise."""
+        return [episodes]
+
+    def backward_batch(
+        self,
+        episodes: Sequence[Episode],
+        objective: Callable[[Sequence[Episode]], BatchResult] | None = None,
+        unsynced: Callable[[], AbstractContextManager] = nullcontext,
+    ) -> BatchResult:
         """Accumulate the gradient of ``batch_loss`` into ``.grad``; the returned loss is detached.
 
-        What the trainer calls: learners that can backpropagate task by task
-        (bounding memory by one task's graph, e.g. sequential MAML) override it.
+        What the trainer calls. The meta-batch is split by ``backward_parts``; each part's mean
+        loss, weighted by its share of the episodes, is backpropagated at once. ``objective``
+        computes a part's result (``batch_loss`` by default); under torchrun it is a
+        ``DistributedDataParallel`` wrapper of ``batch_loss``, and every part but the last runs
+        inside ``unsynced`` (DDP's ``no_sync``), so the gradient is averaged over ranks once, in
+        the last part's backward, as gradient accumulation with DDP is meant to be done.
         """
-        result = self.batch_loss(episodes)
-        result.loss.backward()
-        return BatchResult(result.loss.detach(), result.accuracy)
+        objective = objective or self.batch_loss
+        parts = self.backward_parts(episodes)
+        losses, correct = [], 0
+        for index, part in enumerate(parts):
+            with unsynced() if index < len(parts) - 1 else nullcontext():
+                result = objective(part)
+                share = len(part) / len(episodes)
+                (result.loss * share).backward()
+            losses.append(result.loss.detach() * share)
+            correct += round(result.accuracy * query_count(part))
+        return BatchResult(torch.stack(losses).sum(), correct / query_count(episodes))
 
     def set_iteration(self, iteration: int) -> None:
         """Training progress (meta-iterations done), for learners whose recipe anneals with it."""
@@ -87,6 +110,10 @@ class EmbeddingLearner(FewShotLearner):
         self, support: torch.Tensor, support_labels: torch.Tensor, ways: int, queries: torch.Tensor
     ) -> torch.Tensor:
         """Query logits (Q, ways) from support and query embeddings."""
+
+
+def query_count(episodes: Sequence[Episode]) -> int:
+    return sum(e.query_labels.numel() for e in episodes)
 
 
 def summarise(logits: Sequence[torch.Tensor], labels: Sequence[torch.Tensor]) -> BatchResult:

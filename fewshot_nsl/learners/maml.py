@@ -28,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 
 from fewshot_nsl.episodes.episode import Episode
 from fewshot_nsl.errors import UserError
-from fewshot_nsl.learners.base import BatchResult, FewShotLearner
+from fewshot_nsl.learners.base import BatchResult, FewShotLearner, query_count
 
 Params = dict[str, torch.Tensor]
 
@@ -255,7 +255,7 @@ class MAML(FewShotLearner):
     def batch_loss(self, episodes: Sequence[Episode]) -> BatchResult:
         """Mean query loss (MAML++'s multi-step loss when on) and accuracy over a meta-batch.
 
-        Tasks of equal shapes go through one ``vmap``; otherwise (or with
+        Two or more tasks of equal shapes go through one ``vmap``; otherwise (or with
         ``vectorise=False``) they run one after another. Both compute the
         same function. The whole meta-batch's graph is kept until the loss
         is differentiated; ``backward_batch`` keeps one task's at a time.
@@ -266,26 +266,15 @@ class MAML(FewShotLearner):
         else:
             outcomes = [self._episode_outcome(e) for e in episodes]
             losses, correct = torch.stack([o[0] for o in outcomes]), torch.stack([o[1] for o in outcomes])
-        return BatchResult(loss=losses.mean(), accuracy=int(correct.sum()) / _query_count(episodes))
+        return BatchResult(loss=losses.mean(), accuracy=int(correct.sum()) / query_count(episodes))
 
-    def backward_batch(self, episodes: Sequence[Episode]) -> BatchResult:
-        """Accumulate the meta-gradient of the mean task loss into ``.grad``.
-
-        Sequentially, each task is backpropagated as soon as its query loss
-        is known, so peak memory is one task's graph whatever the meta-batch
-        size; the gradients sum to the same meta-gradient. The vectorised
-        path differentiates the batched loss once (one batched graph).
-        """
+    def backward_parts(self, episodes: Sequence[Episode]) -> list[Sequence[Episode]]:
+        """One part when the meta-batch is vectorised (one batched graph); otherwise task by task,
+        each backpropagated as soon as its query loss is known, so peak memory is one task's
+        graph whatever the meta-batch size. The gradients sum to the same meta-gradient."""
         if self._vectorises(episodes):
-            return super().backward_batch(episodes)
-        self._forget()
-        losses, correct = [], 0
-        for episode in episodes:
-            loss, hits = self._episode_outcome(episode)
-            (loss / len(episodes)).backward()
-            losses.append(loss.detach())
-            correct += int(hits)
-        return BatchResult(loss=torch.stack(losses).mean(), accuracy=correct / _query_count(episodes))
+            return [episodes]
+        return [[episode] for episode in episodes]
 
     def set_iteration(self, iteration: int) -> None:
         """Tell the learner how many meta-iterations are done (MAML++'s MSL and DA anneal with it)."""
@@ -294,9 +283,10 @@ class MAML(FewShotLearner):
     # ----- meta-batch strategies ----------------------------------------------------
 
     def _vectorises(self, episodes: Sequence[Episode]) -> bool:
+        """vmap over a meta-batch of two or more tasks of equal shapes (over one task it would only add overhead)."""
         if not episodes:
             raise ValueError("a meta-batch needs at least one episode")
-        return self.vectorise and _stackable(episodes)
+        return self.vectorise and len(episodes) > 1 and _stackable(episodes)
 
     def _vectorised(self, episodes: Sequence[Episode]) -> tuple[torch.Tensor, torch.Tensor]:
         params, rates = self._start(episodes[0].ways, episodes[0].support_images)
@@ -612,10 +602,6 @@ def _rate_key(name: str) -> str:
 
 def _name_of_key(key: str) -> str:
     return key.replace("/", ".")
-
-
-def _query_count(episodes: Sequence[Episode]) -> int:
-    return sum(e.query_labels.numel() for e in episodes)
 
 
 def _detached(params: Params) -> Params:
