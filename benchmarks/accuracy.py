@@ -321,6 +321,7 @@ def tabulate(name: str, suite: Suite, board: Path, command: str, origin: dict, c
             f"{row.train_seconds / 60:.1f} min | {row.git_commit} | {row.provenance} | {row.recipe} |"
         )
     lines += seed_spread(latest, suite)
+    lines += reruns(frame, latest)
     info = machine()
     text = (
         f"# Accuracy suite `{name}`\n\nLast command: `{command}`, on {info['cpu_count']} CPU cores "
@@ -346,6 +347,35 @@ def seed_spread(rows: pd.DataFrame, suite: Suite) -> list[str]:
         lines.append(
             f"| {recipe} | {ways}w{shots}s | {episodes} | {len(group)} | {accs.mean():.2f} | "
             f"{accs.min():.2f}–{accs.max():.2f} |"
+        )
+    return lines
+
+
+RERUN_KEY = ["run_dir", "ways", "shots", "episodes", "head", "network", "train_episodes", "seed"]
+
+
+def reruns(frame: pd.DataFrame, latest: pd.DataFrame) -> list[str]:
+    """Earlier rows of a run at the same task, training budget and seed but trained by other code (a rerun
+    after a change meant to keep accuracy, e.g. a faster layer): both results side by side, and whether they
+    agree, i.e. differ by less than the 95% CI of a difference of two independent estimates (the CIs'
+    quadrature sum). Empty when no run was rerun."""
+    code = frame["train_commits"].astype(object).where(frame["train_commits"].notna(), frame["git_commit"])
+    frame = frame.assign(code=code)
+    latest = frame.loc[latest.index]
+    paired = frame.drop(index=latest.index).merge(latest, on=RERUN_KEY, suffixes=("_before", ""))
+    paired = paired[paired["code_before"] != paired["code"]]
+    if paired.empty:
+        return []
+    lines = ["", "Reruns on other code at the same budget and seed (the row above is the latest):", "",
+             "| run | task | earlier code | earlier acc % | latest code | latest acc % | difference | within the CIs |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for row in paired.sort_values(["run_dir", "ways", "shots"]).itertuples():
+        difference = 100 * (row.acc - row.acc_before)
+        bound = 100 * (row.ci95**2 + row.ci95_before**2) ** 0.5
+        lines.append(
+            f"| {Path(row.run_dir).name} | {row.ways}w{row.shots}s | {row.code_before} | "
+            f"{100 * row.acc_before:.2f} ± {100 * row.ci95_before:.2f} | {row.code} | {100 * row.acc:.2f} ± "
+            f"{100 * row.ci95:.2f} | {difference:+.2f} | {'yes' if abs(difference) < bound else 'no'} (±{bound:.2f}) |"
         )
     return lines
 

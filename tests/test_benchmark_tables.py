@@ -1,4 +1,5 @@
-"""How the accuracy suites label a row's network, and why a retrained run's old curve survives."""
+"""How the accuracy suites label a row's network, why a retrained run's old curve survives, and how a
+rerun on other code is set beside its earlier result."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.accuracy import network_of, run_network
+from benchmarks.accuracy import network_of, reruns, run_network
 
 
 def test_rows_without_a_recorded_downsampling_read_as_max_pooling_and_other_backbones_have_none() -> None:
@@ -23,3 +24,27 @@ def test_a_run_directory_names_its_downsampling_or_the_legacy_default(tmp_path: 
     assert run_network(tmp_path) == "stride"
     (tmp_path / "config.yaml").write_text("method: maml\n")
     assert run_network(tmp_path) == "maxpool"
+
+
+def test_a_rerun_on_other_code_is_paired_with_its_earlier_row_and_judged_by_the_ci_of_the_difference() -> None:
+    common = {"run_dir": "runs/x/protonet-h16", "ways": 20, "episodes": 1000, "head": "—", "network": "maxpool", "seed": 0}
+    rows = pd.DataFrame(
+        [
+            common | {"shots": 1, "train_episodes": 400, "acc": 0.80, "ci95": 0.002, "train_commits": "old", "git_commit": "e0"},
+            common | {"shots": 1, "train_episodes": 3000, "acc": 0.9216, "ci95": 0.0021, "train_commits": "aaa", "git_commit": "e1"},
+            common | {"shots": 5, "train_episodes": 3000, "acc": 0.9826, "ci95": 0.0007, "train_commits": None, "git_commit": "bbb"},
+            common | {"shots": 1, "train_episodes": 3000, "acc": 0.9200, "ci95": 0.0021, "train_commits": "ccc", "git_commit": "e2"},
+            common | {"shots": 5, "train_episodes": 3000, "acc": 0.9800, "ci95": 0.0007, "train_commits": "ccc", "git_commit": "e2"},
+        ]
+    )
+    latest = rows.loc[[3, 4]]
+    table = reruns(rows, latest)
+    body = [line for line in table if line.startswith("| protonet-h16")]
+    # the 400-iteration row is another budget: not a rerun
+    assert len(body) == 2
+    one_shot, five_shot = body
+    # 0.16 points apart with CIs of 0.21: inside sqrt(0.21² + 0.21²) = 0.30 → yes
+    assert "| aaa | 92.16 ± 0.21 | ccc | 92.00 ± 0.21 | -0.16 | yes (±0.30) |" in one_shot
+    # a row without training commits is named by its evaluation commit; 0.26 apart against ±0.10 → no
+    assert "| bbb | 98.26 ± 0.07 | ccc | 98.00 ± 0.07 | -0.26 | no (±0.10) |" in five_shot
+    assert reruns(rows.loc[[1, 2]], rows.loc[[1, 2]]) == []
