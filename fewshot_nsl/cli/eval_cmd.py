@@ -7,6 +7,7 @@ from pathlib import Path
 
 from fewshot_nsl.engine.distributed import is_main_process
 from fewshot_nsl.engine.evaluator import EvalRequest, evaluate_run
+from fewshot_nsl.learners.logreg import HEADS
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -21,6 +22,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--data-root", help="folder holding the datasets (default: the run's, then $FEWSHOT_NSL_DATA)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     parser.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which checkpoint (default best on validation)")
+    parser.add_argument(
+        "--head", choices=HEADS,
+        help="score episodes with this head on the backbone's features instead of the learner's own: prototype "
+        "(ProtoNet's class means) or logreg (a logistic regression fitted on each support set, Tian et al. 2020)",
+    )  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=handle)
 
@@ -30,8 +36,9 @@ def handle(args: argparse.Namespace) -> None:
         EvalRequest(
             run_dir=args.run_dir, ways=args.ways, shots=args.shots, queries=args.queries, episodes=args.episodes,
             leaderboard=args.leaderboard, data_root=args.data_root, device=args.device,
-            checkpoint=args.checkpoint, manifest=args.manifest, progress=not args.no_progress,
+            checkpoint=args.checkpoint, manifest=args.manifest, progress=not args.no_progress, head=args.head,
         )
     )  # fmt: skip
     if is_main_process():
-        print(f"{row['dataset']}/{row['protocol']} {row['ways']}-way {row['shots']}-shot: {summary}  [{row['manifest']} #{row['manifest_hash']}]")
+        head = f" ({args.head} head)" if args.head else ""
+        print(f"{row['dataset']}/{row['protocol']} {row['ways']}-way {row['shots']}-shot{head}: {summary}  [{row['manifest']} #{row['manifest_hash']}]")

@@ -24,7 +24,7 @@ def _flag(value: str) -> bool:
 
 # (flag, type or action, help); the config key is the flag with dashes as underscores.
 OPTIONS: list[tuple[str, object, str]] = [
-    ("--method", METHODS, "learner: protonet or maml"),
+    ("--method", METHODS, "learner: protonet, maml, or exemplar (Exemplar-CNN: unsupervised, surrogate classes from the unlabelled training images)"),
     ("--backbone", BACKBONES, "feature extractor; nsl-* use neural similarity layers"),
     ("--similarity", KINDS[1:], "NSL kind for nsl-* backbones (default static)"),
     ("--nsl-form", FORMS, "NSL tap mixing: diagonal (k² weights) or full (k²×k² matrix)"),
@@ -71,6 +71,11 @@ OPTIONS: list[tuple[str, object, str]] = [
     ("--msl-anneal-iterations", int, "MAML++ MSL: meta-iterations to anneal over (default 5000)"),
     ("--first-order-until", int, "MAML++ DA: first order up to this meta-iteration, second order after (default 0)"),
     ("--vectorise", _flag, "MAML: vmap the meta-batch over tasks, true/false (default: true on CUDA and, on CPU, for tasks of <= 40 images, where it is faster: benchmarks/results/maml_speed.md; false backpropagates task by task, memory of one task)"),
+    ("--surrogate-classes", int, "exemplar: surrogate classes, one seed window each (default 8000)"),
+    ("--samples-per-class", int, "exemplar: transformed samples per surrogate class (default 100)"),
+    ("--surrogate-batch", int, "exemplar: samples per training step (default 128); transformation magnitudes: "
+     "exemplar_transforms in a --config YAML (defaults: Dosovitskiy et al. 2014)"),
+    ("--init", str, "start the backbone from this run directory's trained backbone (e.g. an exemplar run), then train with --method"),
     ("--train-on-val", "store_true", "train on train + val classes (Snell et al.'s final models); no validation, the last checkpoint is used"),
     ("--val-every", int, "validate every this many iterations (default 500)"),
     ("--val-episodes", int, "validation episodes (default 200)"),

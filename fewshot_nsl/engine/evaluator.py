@@ -23,6 +23,7 @@ from fewshot_nsl.episodes.sampler import check_task_fits
 from fewshot_nsl.errors import UserError
 from fewshot_nsl.learners import FewShotLearner, build_learner, recipe_columns
 from fewshot_nsl.learners.base import EmbeddingLearner
+from fewshot_nsl.learners.logreg import with_head
 from fewshot_nsl.nsl import fold_static_nsl
 from fewshot_nsl.results import leaderboard
 from fewshot_nsl.results.provenance import provenance, source_state
@@ -114,6 +115,7 @@ class EvalRequest:
     checkpoint: str = "best"
     manifest: Path | None = None
     progress: bool = True
+    head: str | None = None  # None: the learner's own scoring; "prototype" or "logreg" (fewshot_nsl.learners.logreg)
 
 
 def fixed_ways(config: RunConfig) -> int | None:
@@ -126,8 +128,9 @@ def select_manifest(request: EvalRequest, config: RunConfig, test_set: ImageClas
     if request.manifest is not None:
         return Manifest.load(request.manifest)
     spec = dataset_spec(config.dataset)
+    own_ways = fixed_ways(config) if request.head is None else None  # another head scores any number of ways
     wanted = ManifestSpec(
-        Path(config.dataset).name, config.protocol, "test", request.ways or fixed_ways(config) or spec.eval_ways,
+        Path(config.dataset).name, config.protocol, "test", request.ways or own_ways or spec.eval_ways,
         request.shots or config.shots,
         request.queries or spec.eval_queries, request.episodes or spec.eval_episodes,
     )  # fmt: skip
@@ -167,11 +170,14 @@ def _evaluate_run(request: EvalRequest, world: World, device: torch.device) -> t
         raise UserError(f"the checkpoint in {request.run_dir} does not fit the model its {CONFIG_FILE} builds ({detail})") from None
     parameters = parameter_count(learner)
     learner = for_inference(learner).to(device, memory_format=layout)
+    scorer = with_head(learner, request.head)
+    # A replaced head over a backbone that normalises with batch statistics (MAML) embeds episode by episode.
+    by_episode = scorer is not learner and not isinstance(learner, EmbeddingLearner)
     summary, accuracies = evaluate_learner(
-        learner, test_set, manifest, device, layout, request.progress and world.is_main, world=world
+        scorer, test_set, manifest, device, layout, request.progress and world.is_main, by_episode, world=world
     )
     if world.is_main:
-        per_episode = request.run_dir / "eval" / f"{manifest.spec.name}.csv"
+        per_episode = request.run_dir / "eval" / f"{manifest.spec.name}{f'-{request.head}' if request.head else ''}.csv"
         per_episode.parent.mkdir(exist_ok=True)
         with open(per_episode, "w", newline="") as handle:
             writer = csv.writer(handle)
@@ -191,6 +197,7 @@ def _evaluate_run(request: EvalRequest, world: World, device: torch.device) -> t
         "seed": config.seed, "version": fewshot_nsl.__version__, "git_commit": commit, "git_dirty": dirty,
         "train_commits": " ".join(train_sessions) if train_sessions else None,
         "provenance": provenance(dirty, train_sessions), "run_dir": str(request.run_dir), **recipe_columns(config),
+        "eval_head": request.head or "own",
     }  # fmt: skip
     if world.is_main:
         leaderboard.append(request.leaderboard, row)

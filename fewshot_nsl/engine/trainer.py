@@ -21,6 +21,7 @@ from fewshot_nsl.config import RunConfig
 from fewshot_nsl.data.augment import Augmentation
 from fewshot_nsl.data.dataset import ImageClassSet, union
 from fewshot_nsl.data.registry import dataset_spec, load_split, resolve_protocol
+from fewshot_nsl.data.surrogate import ExemplarTransforms, SurrogateSampler, unlabelled
 from fewshot_nsl.engine.checkpoint import (
     BEST,
     CONFIG_FILE,
@@ -29,6 +30,7 @@ from fewshot_nsl.engine.checkpoint import (
     SUMMARY_FILE,
     checkpoint_metadata,
     load_checkpoint,
+    load_run,
     prepare_run_dir,
     random_state,
     read_config,
@@ -200,7 +202,8 @@ def _load_data(config: RunConfig) -> _Data:
         if val_set is None:
             raise UserError(f"--train-on-val: the {protocol} protocol of {config.dataset} has no val split")
         train_set, val_set = union(train_set, val_set), None
-    check_task_fits(train_set, config.ways, config.shots, config.queries)
+    if config.method != "exemplar":  # exemplar training draws no episodes from the training split
+        check_task_fits(train_set, config.ways, config.shots, config.queries)
     val_spec = ManifestSpec(
         config.dataset, protocol, "val", config.val_ways or spec.eval_ways, config.val_shots or config.shots,
         config.val_queries or spec.eval_queries, config.val_episodes, seed=config.seed,
@@ -211,24 +214,64 @@ def _load_data(config: RunConfig) -> _Data:
     return _Data(train_set, val_set, draw(val_spec, val_set))
 
 
+def _sampler(config: RunConfig, train_set: ImageClassSet, world: World) -> EpisodeSampler | SurrogateSampler:
+    """What a training step draws: episodes, or for exemplar training surrogate-class batches made from
+    the training images alone (``unlabelled``: the labels are dropped before the sampler sees the split)."""
+    generator = torch.Generator().manual_seed(rank_seed(config.seed, world.rank))
+    if config.method == "exemplar":
+        return SurrogateSampler(
+            unlabelled(train_set), config.surrogate_classes, config.samples_per_class, config.surrogate_batch,
+            ExemplarTransforms.from_mapping(config.exemplar_transforms), config.seed, generator,
+        )  # fmt: skip
+    return EpisodeSampler(train_set, config.ways, config.shots, config.queries, generator, *_augmentation(config, world.rank))
+
+
+# Buffers a backbone trained with running BatchNorm statistics has and MAML's (batch statistics only) lacks.
+RUNNING_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _initialise_backbone(learner: FewShotLearner, init_dir: Path) -> None:
+    """Copy the backbone of the run in ``init_dir`` (its best checkpoint) into ``learner``'s backbone.
+
+    Only the backbone moves (an exemplar run's surrogate classifier or a MAML head stay behind); every
+    backbone parameter must be found with its shape, or this is an error naming the mismatch.
+    """
+    record = load_run(init_dir, "best")
+    prefix = "backbone."
+    weights = {k.removeprefix(prefix): v for k, v in record.model_state.items() if k.startswith(prefix)}
+    own = learner.backbone.state_dict()
+    missing = sorted(set(own) - set(weights))
+    extra = sorted(k for k in set(weights) - set(own) if not k.endswith(RUNNING_STATISTICS))
+    wrong = sorted(k for k in set(own) & set(weights) if own[k].shape != weights[k].shape)
+    if missing or extra or wrong:
+        detail = "; ".join(
+            f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+            for what, keys in (("missing", missing), ("unexpected", extra), ("other shape", wrong)) if keys
+        )  # fmt: skip
+        raise UserError(
+            f"--init {init_dir}: its backbone ({record.config.backbone}, {record.config.similarity or 'conv'}) does not "
+            f"fit this run's ({detail}); pretrain with the same --backbone, --similarity, --nsl-*, --width and conv4_downsample"
+        )
+    learner.backbone.load_state_dict({k: weights[k] for k in own})
+
+
 def _run(
     config: RunConfig, run_dir: Path, data: _Data, state: dict | None, progress: bool, world: World, device: torch.device
 ) -> TrainResult:
     progress = progress and world.is_main
     with seeded(config.seed):
         learner = build_learner(config, data.train_set.image_shape)
+    if state is None and config.init is not None:
+        _initialise_backbone(learner, Path(config.init))
     if world.rank > 0:  # draws from the global generator (DropBlock masks) differ between ranks, as episodes do
         torch.manual_seed(rank_seed(config.seed, world.rank))
     layout = memory_format(bool(config.channels_last))
     learner.to(device, memory_format=layout)
     optimizer = torch.optim.Adam(learner.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = learning_rate_schedule(optimizer, config)
-    sampler = EpisodeSampler(
-        data.train_set, config.ways, config.shots, config.queries,
-        torch.Generator().manual_seed(rank_seed(config.seed, world.rank)), *_augmentation(config, world.rank),
-    )  # fmt: skip
+    sampler = _sampler(config, data.train_set, world)
     generators = {"sampler": sampler.generator}
-    if sampler.augmentation_generator is not None:
+    if getattr(sampler, "augmentation_generator", None) is not None:
         generators["augmentation"] = sampler.augmentation_generator
     done = _Progress()
     if state is not None:

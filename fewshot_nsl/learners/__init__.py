@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import torch
 
@@ -11,6 +12,7 @@ from fewshot_nsl.backbones import build_backbone, resolve_similarity
 from fewshot_nsl.config import RunConfig
 from fewshot_nsl.data.augment import Augmentation
 from fewshot_nsl.learners.base import BatchResult, FewShotLearner
+from fewshot_nsl.learners.exemplar import ExemplarCNN
 from fewshot_nsl.learners.maml import MAML, MAMLPlusPlus
 from fewshot_nsl.learners.protonet import ProtoNet
 
@@ -46,6 +48,12 @@ def recipe_columns(config: RunConfig) -> dict[str, object]:
         "config_hash": recipe_hash(config),
     }  # fmt: skip
     label = f"{config.ways}w{config.shots}s{config.queries}q mb{config.meta_batch} {config.episodes}it"
+    if config.method == "exemplar":
+        columns |= {"surrogate_classes": config.surrogate_classes, "samples_per_class": config.samples_per_class}
+        label = f"exemplar {config.surrogate_classes}x{config.samples_per_class} batch{config.surrogate_batch} {config.episodes}it"
+    if config.init is not None:
+        columns["init_from"] = Path(config.init).name
+        label += f" init:{Path(config.init).name}"
     label += " train+val" if config.train_on_val else ""
     label += " strided-conv4" if config.conv4_downsample == "stride" and config.backbone.endswith("conv4") else ""
     label += f" aug:{columns['augmentation']}" if config.augment else ""
@@ -83,6 +91,8 @@ NOT_RECIPE = ("seed", "run_dir", "data_root", "device", "val_every", "val_episod
 LATER_FIELDS = {
     "split_ratios": (None,), "split_seed": (0,), "val_queries": (None,), "augment": (False,), "amp": (False,),
     "conv4_downsample": (None, "maxpool"), "head_init": (None, "uniform"),
+    "surrogate_classes": (8000,), "samples_per_class": (100,), "surrogate_batch": (128,), "exemplar_transforms": (None,),
+    "init": (None,),
 }  # fmt: skip
 AUGMENT_SETTINGS = ("augment_crop_scale", "augment_jitter", "augment_flip")
 
@@ -109,6 +119,8 @@ def build_learner(config: RunConfig, image_shape: tuple[int, int, int]) -> FewSh
     )
     if config.method == "protonet":
         return ProtoNet(backbone, distance=config.distance)
+    if config.method == "exemplar":
+        return ExemplarCNN(backbone, config.surrogate_classes)
     return MAML(
         backbone,
         inner_lr=config.inner_lr,
@@ -127,4 +139,4 @@ def build_learner(config: RunConfig, image_shape: tuple[int, int, int]) -> FewSh
     )
 
 
-__all__ = ["MAML", "MAMLPlusPlus", "maml_plus_plus", "recipe_columns", "recipe_hash", "BatchResult", "FewShotLearner", "ProtoNet", "build_learner"]
+__all__ = ["ExemplarCNN", "MAML", "MAMLPlusPlus", "maml_plus_plus", "recipe_columns", "recipe_hash", "BatchResult", "FewShotLearner", "ProtoNet", "build_learner"]

@@ -21,10 +21,12 @@ from fewshot_nsl.episodes.episode import Episode
 
 @dataclass(frozen=True)
 class BatchResult:
-    """Mean query loss (differentiable) and mean query accuracy over tasks."""
+    """Mean query loss (differentiable), accuracy, and how many predictions the accuracy is over
+    (so results of the parts of a batch combine into the batch's)."""
 
     loss: torch.Tensor
     accuracy: float
+    scored: int
 
 
 class FewShotLearner(nn.Module, abc.ABC):
@@ -82,15 +84,16 @@ class FewShotLearner(nn.Module, abc.ABC):
         """
         objective = objective or self.batch_loss
         parts = self.backward_parts(episodes)
-        losses, correct = [], 0
+        losses, correct, scored = [], 0, 0
         for index, part in enumerate(parts):
             with unsynced() if index < len(parts) - 1 else nullcontext():
                 result = objective(part)
                 share = len(part) / len(episodes)
                 (result.loss * share).backward()
             losses.append(result.loss.detach() * share)
-            correct += round(result.accuracy * query_count(part))
-        return BatchResult(torch.stack(losses).sum(), correct / query_count(episodes))
+            correct += round(result.accuracy * result.scored)
+            scored += result.scored
+        return BatchResult(torch.stack(losses).sum(), correct / scored, scored)
 
     def set_iteration(self, iteration: int) -> None:
         """Training progress (meta-iterations done), for learners whose recipe anneals with it."""
@@ -112,12 +115,9 @@ class EmbeddingLearner(FewShotLearner):
         """Query logits (Q, ways) from support and query embeddings."""
 
 
-def query_count(episodes: Sequence[Episode]) -> int:
-    return sum(e.query_labels.numel() for e in episodes)
-
-
 def summarise(logits: Sequence[torch.Tensor], labels: Sequence[torch.Tensor]) -> BatchResult:
     """Mean loss over episodes and accuracy over all their queries."""
     loss = torch.stack([F.cross_entropy(lg, lb) for lg, lb in zip(logits, labels)]).mean()
     correct = sum(int((lg.argmax(-1) == lb).sum()) for lg, lb in zip(logits, labels))
-    return BatchResult(loss, correct / sum(lb.numel() for lb in labels))
+    scored = sum(lb.numel() for lb in labels)
+    return BatchResult(loss, correct / scored, scored)

@@ -28,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 
 from fewshot_nsl.episodes.episode import Episode
 from fewshot_nsl.errors import UserError
-from fewshot_nsl.learners.base import BatchResult, FewShotLearner, query_count
+from fewshot_nsl.learners.base import BatchResult, FewShotLearner
 
 Params = dict[str, torch.Tensor]
 
@@ -266,7 +266,8 @@ class MAML(FewShotLearner):
         else:
             outcomes = [self._episode_outcome(e) for e in episodes]
             losses, correct = torch.stack([o[0] for o in outcomes]), torch.stack([o[1] for o in outcomes])
-        return BatchResult(loss=losses.mean(), accuracy=int(correct.sum()) / query_count(episodes))
+        scored = _query_count(episodes)
+        return BatchResult(loss=losses.mean(), accuracy=int(correct.sum()) / scored, scored=scored)
 
     def backward_parts(self, episodes: Sequence[Episode]) -> list[Sequence[Episode]]:
         """One part when the meta-batch is vectorised (one batched graph); otherwise task by task,
@@ -602,6 +603,10 @@ def _rate_key(name: str) -> str:
 
 def _name_of_key(key: str) -> str:
     return key.replace("/", ".")
+
+
+def _query_count(episodes: Sequence[Episode]) -> int:
+    return sum(e.query_labels.numel() for e in episodes)
 
 
 def _detached(params: Params) -> Params:

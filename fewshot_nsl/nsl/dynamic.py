@@ -11,11 +11,9 @@ applied to the *input* patches instead: for each chunk of samples the patches
 (``m * X`` or ``M(p) @ X``, cost ``C * k**2`` or ``C * k**4`` per position),
 and multiplied by the kernel, the convolution's own FLOPs. That product and
 both of its gradients run as oneDNN 1x1 convolutions over the patch rows
-(forward, input side, and weight gradient): on the 64-channel Conv-4 shapes
-(14x14 and 42x42) the forward product ran 2.7x faster than as a
-``torch.matmul`` GEMM and the two backward products 1.5-1.9x faster, in a
-development micro-benchmark; benchmarks/nsl_layer_overhead.py has the
-committed per-layer figures.
+(forward, input side, and weight gradient), which oneDNN runs far faster
+than ``torch.matmul`` runs the same GEMMs on this project's CPU (the
+before/after per-layer figures: benchmarks/nsl_layer_overhead.py).
 A custom autograd function recomputes the patches chunk by chunk in backward
 instead of saving them, so the ``k**2``-times-larger patch tensor never leaves
 the CPU cache: DRAM traffic stays that of a plain convolution. Layers with few
