@@ -303,7 +303,9 @@ def tabulate(name: str, suite: Suite, board: Path, command: str, origin: dict, c
         recipe=frame["recipe"].astype(object).fillna("—"),
         network=network_of(frame),
     )
-    latest = frame.drop_duplicates(subset=["run_dir", "ways", "shots", "episodes", "head", "network"], keep="last")
+    # Keyed by the run's name, not its directory: a rerun written elsewhere (another checkout) replaces its row.
+    frame = frame.assign(run=run_names(frame))
+    latest = frame.drop_duplicates(subset=["run", "ways", "shots", "episodes", "head", "network"], keep="last")
     lines = [
         "| run | method | similarity | head | Conv-4 downsampling | task | test episodes | acc % ± 95% CI | published "
         "| train iterations | train wall time | commit | provenance | recipe |",
@@ -351,7 +353,11 @@ def seed_spread(rows: pd.DataFrame, suite: Suite) -> list[str]:
     return lines
 
 
-RERUN_KEY = ["run_dir", "ways", "shots", "episodes", "head", "network", "train_episodes", "seed"]
+RERUN_KEY = ["run", "ways", "shots", "episodes", "head", "network", "train_episodes", "seed"]
+
+
+def run_names(frame: pd.DataFrame) -> pd.Series:
+    return frame["run_dir"].map(lambda d: Path(d).name)
 
 
 def reruns(frame: pd.DataFrame, latest: pd.DataFrame) -> list[str]:
@@ -360,7 +366,7 @@ def reruns(frame: pd.DataFrame, latest: pd.DataFrame) -> list[str]:
     agree, i.e. differ by less than the 95% CI of a difference of two independent estimates (the CIs'
     quadrature sum). Empty when no run was rerun."""
     code = frame["train_commits"].astype(object).where(frame["train_commits"].notna(), frame["git_commit"])
-    frame = frame.assign(code=code)
+    frame = frame.assign(code=code, run=run_names(frame))
     latest = frame.loc[latest.index]
     paired = frame.drop(index=latest.index).merge(latest, on=RERUN_KEY, suffixes=("_before", ""))
     paired = paired[paired["code_before"] != paired["code"]]
@@ -369,11 +375,11 @@ def reruns(frame: pd.DataFrame, latest: pd.DataFrame) -> list[str]:
     lines = ["", "Reruns on other code at the same budget and seed (the row above is the latest):", "",
              "| run | task | earlier code | earlier acc % | latest code | latest acc % | difference | within the CIs |",
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for row in paired.sort_values(["run_dir", "ways", "shots"]).itertuples():
+    for row in paired.sort_values(["run", "ways", "shots"]).itertuples():
         difference = 100 * (row.acc - row.acc_before)
         bound = 100 * (row.ci95**2 + row.ci95_before**2) ** 0.5
         lines.append(
-            f"| {Path(row.run_dir).name} | {row.ways}w{row.shots}s | {row.code_before} | "
+            f"| {row.run} | {row.ways}w{row.shots}s | {row.code_before} | "
             f"{100 * row.acc_before:.2f} ± {100 * row.ci95_before:.2f} | {row.code} | {100 * row.acc:.2f} ± "
             f"{100 * row.ci95:.2f} | {difference:+.2f} | {'yes' if abs(difference) < bound else 'no'} (±{bound:.2f}) |"
         )

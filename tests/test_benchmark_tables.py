@@ -33,8 +33,11 @@ def test_a_rerun_on_other_code_is_paired_with_its_earlier_row_and_judged_by_the_
             common | {"shots": 1, "train_episodes": 400, "acc": 0.80, "ci95": 0.002, "train_commits": "old", "git_commit": "e0"},
             common | {"shots": 1, "train_episodes": 3000, "acc": 0.9216, "ci95": 0.0021, "train_commits": "aaa", "git_commit": "e1"},
             common | {"shots": 5, "train_episodes": 3000, "acc": 0.9826, "ci95": 0.0007, "train_commits": None, "git_commit": "bbb"},
-            common | {"shots": 1, "train_episodes": 3000, "acc": 0.9200, "ci95": 0.0021, "train_commits": "ccc", "git_commit": "e2"},
-            common | {"shots": 5, "train_episodes": 3000, "acc": 0.9800, "ci95": 0.0007, "train_commits": "ccc", "git_commit": "e2"},
+            # the rerun wrote its run directory elsewhere (another checkout): the run's name pairs them
+            common | {"shots": 1, "train_episodes": 3000, "acc": 0.9200, "ci95": 0.0021, "train_commits": "ccc", "git_commit": "e2",
+                      "run_dir": "/elsewhere/protonet-h16"},
+            common | {"shots": 5, "train_episodes": 3000, "acc": 0.9800, "ci95": 0.0007, "train_commits": "ccc", "git_commit": "e2",
+                      "run_dir": "/elsewhere/protonet-h16"},
         ]
     )
     latest = rows.loc[[3, 4]]

@@ -187,6 +187,11 @@ def test_exemplar_run_evaluates_with_both_heads_and_initialises_protonet_and_mam
     adapted = load_checkpoint(workdir / "runs/maml" / BEST)["model"]
     for key, value in pretrained.items():
         torch.testing.assert_close(adapted[key], value, atol=1e-9, rtol=0, msg=key)
+    # the logreg head also scores a MAML run (episode by episode: its BatchNorm uses batch statistics)
+    assert run(["eval", "--run-dir", "runs/maml", "--shots", "1", "--episodes", "10", "--head", "logreg",
+                "--leaderboard", "maml.csv", "--no-progress"]) == 0  # fmt: skip
+    maml_row = leaderboard.read(workdir / "maml.csv").iloc[0]
+    assert (maml_row["method"], maml_row["eval_head"], maml_row["ways"]) == ("maml", "logreg", 5) and maml_row["acc"] > 0.2
 
     # a backbone of another kind is refused with a one-line error, exit 2
     assert run(["train", "--init", "runs/ex", "--backbone", "nsl-conv4", "--episodes", "1", "--run-dir", "runs/bad", "--no-progress"]) == 2
