@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fewshot_nsl.engine.distributed import is_main_process
 from fewshot_nsl.engine.evaluator import EvalRequest, evaluate_run
-from fewshot_nsl.learners.logreg import HEADS
+from fewshot_nsl.learners.logreg import EVAL_HEADS
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -23,7 +23,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     parser.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which checkpoint (default best on validation)")
     parser.add_argument(
-        "--head", choices=HEADS,
+        "--head", choices=EVAL_HEADS,
         help="score episodes with this head on the backbone's features instead of the learner's own: prototype "
         "(ProtoNet's class means) or logreg (a logistic regression fitted on each support set, Tian et al. 2020)",
     )  # fmt: skip

@@ -19,7 +19,7 @@ from fewshot_nsl.errors import UserError
 from fewshot_nsl.learners.base import EmbeddingLearner, FewShotLearner
 from fewshot_nsl.learners.protonet import ProtoNet
 
-HEADS = ("prototype", "logreg")
+EVAL_HEADS = ("prototype", "logreg")
 
 
 class LogisticRegressionHead(EmbeddingLearner):
@@ -54,8 +54,8 @@ def with_head(learner: FewShotLearner, head: str | None) -> FewShotLearner:
     :class:`LogisticRegressionHead`. The backbone is shared, not copied."""
     if head is None:
         return learner
-    if head not in HEADS:
-        raise UserError(f"--head must be one of {', '.join(HEADS)}, got {head!r}")
+    if head not in EVAL_HEADS:
+        raise UserError(f"--head must be one of {', '.join(EVAL_HEADS)}, got {head!r}")
     if getattr(learner, "step_norms", None) is not None:
         raise UserError(
             "--head needs a backbone with its own BatchNorm parameters; this MAML++ run learned per-step ones "
