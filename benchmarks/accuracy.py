@@ -7,12 +7,17 @@ written next to it states the training iterations and wall time of each run.
     python benchmarks/accuracy.py protonet-omniglot --episodes 6000
     python benchmarks/accuracy.py nsl-omniglot --episodes 3000
     python benchmarks/accuracy.py maml-omniglot --episodes 6000 --only maml-conv4-5w1s maml++-conv4-5w1s
+    python benchmarks/accuracy.py weights-omniglot --episodes 2000
+    python benchmarks/accuracy.py weights-miniimagenet --episodes 600
 
 Published references: ProtoNet (Snell et al. 2017, Omniglot Vinyals split, Conv-4)
 5w1s 98.8, 5w5s 99.7, 20w1s 96.0, 20w5s 98.9; MAML (Finn et al. 2017, Table 1) 5w1s
 98.7±0.4, 20w1s 95.8±0.3 after 60,000 meta-iterations; MAML++ (Antoniou et al. 2019)
 5w1s 99.47, 20w1s 97.65 after 50,000, as listed by Papers with Code (not checked against the
 paper's own table).
+
+Weight suites (``weights-*``) also compare the runs' layer spectra (``fewshot_nsl.analysis.spectrum``,
+as ``fewshot-nsl spectrum``): CSVs and a plot in ``<suite>-spectrum/``, the distance matrix in the table.
 
 MAML suites also write a learning curve (validation accuracy against meta-iterations,
 CSV + PNG) from every run's metrics.csv. Results are refused from a tree with
@@ -36,6 +41,8 @@ import yaml
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import RESULTS, REPO, data_root, machine, provenance, write_results  # noqa: E402
+from fewshot_nsl.analysis.spectrum import singular_values, write_spectra  # noqa: E402
+from fewshot_nsl.api import load_trained  # noqa: E402
 from fewshot_nsl.config import LEGACY_VALUES, RunConfig, load_config  # noqa: E402
 from fewshot_nsl.engine.evaluator import EvalRequest, evaluate_run  # noqa: E402
 from fewshot_nsl.engine.trainer import train  # noqa: E402
@@ -104,6 +111,20 @@ NSL_VARIANTS = (
     ("nsl-dynamic-h16", NSL_DYNAMIC | {"nsl_hidden": 16}),
 )
 
+# Colombo & Gao (2020)'s controls beside the NSL layers: {0,1} weights and frozen random weights (issue 15).
+WEIGHT_VARIANTS = (
+    ("conv4", {}),
+    ("conv4-binary", {"weights": "binary"}),
+    ("conv4-random-frozen", {"weights": "random-frozen"}),
+    ("nsl-static", NSL_STATIC),
+    ("nsl-dynamic-h16", NSL_DYNAMIC | {"nsl_hidden": 16}),
+)
+WEIGHTS_NOTE = (
+    "conv4 with real weights, {0,1} weights (binary: latent scores, straight-through; no per-channel scale, "
+    "BatchNorm follows every convolution) and frozen random weights (only BatchNorm trains), and static NSL "
+    "(diagonal) and dynamic NSL (diagonal, h = 16): same recipe, seed, training episodes, budget and evaluation "
+    "manifest. "
+)
 
 SUITES = {
     "protonet-omniglot": Suite(
@@ -162,6 +183,26 @@ SUITES = {
         "Validation: 100 fixed 5-way episodes at the end; evaluation on the 10,000-episode 5-way 5-shot manifest. "
         "Chance is 20%.",
     ),
+    "weights-omniglot": Suite(
+        tuple(
+            Run(f"protonet-{label}-20w1s", PROTONET | extra | {"ways": 20, "shots": 1}, ((20, 1),))
+            for label, extra in WEIGHT_VARIANTS
+        ),
+        note=WEIGHTS_NOTE + "Omniglot (Vinyals split): 20-way 1-shot 5-query training episodes (Snell et al. train "
+        "with the evaluation shot; 20 ways, not their 60, for the CPU budget), Adam 1e-3 halved every 2000 "
+        "iterations, the best of the validation checkpoints (200 fixed 20-way episodes) evaluated on the "
+        "1000-episode 20-way 1-shot manifest.",
+    ),
+    "weights-miniimagenet": Suite(
+        tuple(
+            Run(f"protonet-{label}-5w5s", MINI_PROTONET_5W5S | extra, ((5, 5),), base="protonet-conv4-miniimagenet.yaml",
+                eval_episodes=600)  # fmt: skip
+            for label, extra in WEIGHT_VARIANTS
+        ),
+        note=WEIGHTS_NOTE + "Mini-ImageNet (Ravi split, 300 of the 600 training images per class in ../shared/data): "
+        "5-way 5-shot 15-query training episodes, Adam 1e-3 (halved every 2000 iterations), the best validation "
+        "checkpoint (200 fixed 5-way episodes) evaluated on the 600-episode 5-way 5-shot manifest.",
+    ),
     "maml-nsl-omniglot": Suite(
         tuple(
             Run(f"maml-{label}-5w1s", extra, ((5, 1),), base="maml-conv4-omniglot.yaml")
@@ -216,7 +257,8 @@ def main() -> None:
             print(f"{run.name}: {ways}-way {shots}-shot {summary} ({time.perf_counter() - started:.0f} s incl. training)")
     command = "python benchmarks/accuracy.py " + " ".join(sys.argv[1:])
     curves = learning_curves(suite, runs_root) if args.suite.startswith("maml") else None
-    tabulate(args.suite, suite, board, command, origin, curves)
+    spectra = spectrum_section(args.suite, suite, runs_root) if args.suite.startswith("weights") else ""
+    tabulate(args.suite, suite, board, command, origin, curves, spectra)
 
 
 def learning_curves(suite: Suite, runs_root: Path) -> pd.DataFrame | None:
@@ -288,7 +330,30 @@ def extrapolated(points: pd.DataFrame, iterations: int) -> float | None:
     return float(min(1.0, slope * np.log(iterations) + intercept))
 
 
-def tabulate(name: str, suite: Suite, board: Path, command: str, origin: dict, curves: pd.DataFrame | None) -> None:
+def spectrum_section(name: str, suite: Suite, runs_root: Path) -> str:
+    """The suite's runs' layer spectra compared (as ``fewshot-nsl spectrum``): files in ``<suite>-spectrum/``
+    and the distance matrix as markdown; empty if no run directory is present."""
+    present = [run.name for run in suite.runs if (runs_root / run.name / "best.pt").exists()]
+    if not present:
+        return ""
+    spectra = {run: singular_values(load_trained(runs_root / run, device="cpu").learner.backbone) for run in present}
+    folder = RESULTS / f"{name}-spectrum"
+    distances = write_spectra(spectra, folder)
+    lines = [
+        "", "## Layer spectra", "",
+        f"Singular values of every layer's O x (C·k·k) weight matrix (static NSL: the folded kernel; dynamic NSL: the "
+        f"base kernel; binary: the {{0,1}} kernel), best checkpoints: `{folder.name}/spectra.csv`, plotted per layer "
+        f"in `{folder.name}/spectra.png`. Distance: the mean over layers of the Euclidean distance between "
+        f"unit-norm spectra (BatchNorm after every layer makes a kernel's scale irrelevant), `{folder.name}/distances.csv`.",
+        "", "| run | " + " | ".join(present) + " |", "|---|" + "---|" * len(present),
+    ]  # fmt: skip
+    lines += [f"| {run} | " + " | ".join(f"{distances.loc[run, other]:.3f}" for other in present) + " |" for run in present]
+    return "\n".join(lines) + "\n"
+
+
+def tabulate(
+    name: str, suite: Suite, board: Path, command: str, origin: dict, curves: pd.DataFrame | None, spectra: str = ""
+) -> None:
     frame = leaderboard.read(board)
     names = {run.name for run in suite.runs}
     frame = frame[frame["run_dir"].map(lambda d: Path(d).name in names)]
@@ -302,23 +367,24 @@ def tabulate(name: str, suite: Suite, board: Path, command: str, origin: dict, c
         head=head.where(frame["method"] == "maml", "—"),
         recipe=frame["recipe"].astype(object).fillna("—"),
         network=network_of(frame),
+        weights=(frame["weights"] if "weights" in frame else pd.Series(None, index=frame.index)).astype(object).fillna("real"),
     )
     # Keyed by the run's name, not its directory: a rerun written elsewhere (another checkout) replaces its row.
     frame = frame.assign(run=run_names(frame))
     latest = frame.drop_duplicates(subset=["run", "ways", "shots", "episodes", "head", "network"], keep="last")
     lines = [
-        "| run | method | similarity | head | Conv-4 downsampling | task | test episodes | acc % ± 95% CI | published "
+        "| run | method | similarity | weights | head | Conv-4 downsampling | task | test episodes | acc % ± 95% CI | published "
         "| train iterations | train wall time | commit | provenance | recipe |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in latest.sort_values(["ways", "shots", "episodes", "method", "similarity"]).itertuples():
         if Path(row.run_dir).name.startswith("maml++"):
             ref = PUBLISHED_MAML_PLUS_PLUS.get((row.dataset, row.ways, row.shots))
         else:
             ref = PUBLISHED.get((row.dataset, row.method, row.ways, row.shots))
-        ref = ref if row.similarity == "conv" and row.backbone == "conv4" else None  # the published figures are Conv-4's
+        ref = ref if row.similarity == "conv" and row.backbone == "conv4" and row.weights == "real" else None  # the published figures are Conv-4's
         lines.append(
-            f"| {Path(row.run_dir).name} | {row.method} | {row.similarity} | {row.head} | {row.network} | {row.ways}w{row.shots}s | "
+            f"| {Path(row.run_dir).name} | {row.method} | {row.similarity} | {row.weights} | {row.head} | {row.network} | {row.ways}w{row.shots}s | "
             f"{row.episodes} | {100 * row.acc:.2f} ± {100 * row.ci95:.2f} | {ref if ref else '—'} | {row.train_episodes} | "
             f"{row.train_seconds / 60:.1f} min | {row.git_commit} | {row.provenance} | {row.recipe} |"
         )
@@ -331,6 +397,7 @@ def tabulate(name: str, suite: Suite, board: Path, command: str, origin: dict, c
     )
     if curves is not None:
         text += curve_section(name, curves)
+    text += spectra
     write_results(f"{name}-accuracy", {"machine": info, "rows": latest.to_dict(orient="records")}, text, origin)
 
 

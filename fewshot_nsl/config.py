@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import yaml
 
+from fewshot_nsl.backbones.weights import check_weights
 from fewshot_nsl.data.augment import Augmentation
 from fewshot_nsl.data.class_split import ClassSplit
 from fewshot_nsl.data.surrogate import ExemplarTransforms
@@ -68,6 +69,7 @@ class RunConfig:
     nsl_hidden: int = 64
     width: int | None = None
     plain_stem: bool = False
+    weights: str = "real"  # real, binary ({0,1}, straight-through) or random-frozen: fewshot_nsl.backbones.weights
     conv4_downsample: str | None = None  # maxpool, or stride (Finn et al.'s Omniglot MAML network)
     drop_rate: float = 0.0
     distance: str = "euclidean"
@@ -174,6 +176,7 @@ class RunConfig:
         }
         if maml and self.head == "learned":
             defaults["val_ways"] = self.ways  # a learned head scores exactly its training ways
+        check_weights(self.weights, nsl=self.backbone.startswith("nsl-"))
         if self.augment:
             Augmentation(self.augment_crop_scale, self.augment_jitter, self.augment_flip)  # refuses bad settings now
         if self.method == "exemplar":

@@ -8,6 +8,7 @@ from torch import nn
 from fewshot_nsl.backbones.conv4 import Conv4
 from fewshot_nsl.backbones.resnet12 import NARROW_WIDTHS, WIDTHS, ResNet12
 from fewshot_nsl.backbones.similarity import Similarity
+from fewshot_nsl.backbones.weights import WEIGHTS, apply_weights, check_weights
 from fewshot_nsl.errors import UserError
 
 BACKBONES = ("conv4", "nsl-conv4", "resnet12", "nsl-resnet12", "resnet12-512", "nsl-resnet12-512")
@@ -36,22 +37,29 @@ def build_backbone(
     drop_rate: float = 0.0,
     generator: torch.Generator | None = None,
     conv4_downsample: str = "maxpool",
+    weights: str = "real",
 ) -> nn.Module:
     """Build a backbone by name; ``similarity`` defaults as in ``resolve_similarity``.
 
-    ``width`` is the Conv-4 filter count (ResNet-12 widths are fixed).
+    ``width`` is the Conv-4 filter count (ResNet-12 widths are fixed); ``weights`` is one of
+    ``WEIGHTS`` (binary and random-frozen: plain backbones only, see ``backbones.weights``).
     """
     similarity = similarity or resolve_similarity(name, None)
     if name.startswith("nsl-") == (similarity.kind == "conv"):
         raise UserError(f"backbone {name} does not match similarity {similarity.label}")
+    check_weights(weights, nsl=similarity.kind != "conv")
     if name.endswith("conv4"):
-        return Conv4(image_shape, width=width, similarity=similarity, plain_stem=plain_stem, downsample=conv4_downsample)
-    widths = NARROW_WIDTHS if name.endswith("resnet12-512") else WIDTHS
-    return ResNet12(image_shape, similarity=similarity, widths=widths, drop_rate=drop_rate, generator=generator)
+        model: nn.Module = Conv4(
+            image_shape, width=width, similarity=similarity, plain_stem=plain_stem, downsample=conv4_downsample
+        )
+    else:
+        widths = NARROW_WIDTHS if name.endswith("resnet12-512") else WIDTHS
+        model = ResNet12(image_shape, similarity=similarity, widths=widths, drop_rate=drop_rate, generator=generator)
+    return apply_weights(model, weights)
 
 
 def parameter_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-__all__ = ["BACKBONES", "Conv4", "ResNet12", "Similarity", "build_backbone", "parameter_count", "resolve_similarity"]
+__all__ = ["BACKBONES", "WEIGHTS", "Conv4", "ResNet12", "Similarity", "build_backbone", "parameter_count", "resolve_similarity"]

@@ -1,4 +1,4 @@
-"""The ``fewshot-nsl`` command: train, eval, leaderboard, data, episodes, info, nads.
+"""The ``fewshot-nsl`` command: train, eval, leaderboard, data, episodes, info, nads, spectrum.
 
 Every subcommand lives in its own module and registers its own parser; a
 ``UserError`` anywhere becomes a one-line message and exit status 2.
@@ -11,11 +11,13 @@ import sys
 from typing import NoReturn
 
 from fewshot_nsl import __version__
-from fewshot_nsl.cli import data_cmd, episodes_cmd, eval_cmd, info_cmd, leaderboard_cmd, nads_cmd, train_cmd
+from fewshot_nsl.cli import (
+    data_cmd, episodes_cmd, eval_cmd, info_cmd, leaderboard_cmd, nads_cmd, spectrum_cmd, train_cmd,
+)  # fmt: skip
 from fewshot_nsl.errors import Interrupted, UserError
 from fewshot_nsl.runtime import reexec_with_fast_malloc
 
-COMMANDS = (train_cmd, eval_cmd, leaderboard_cmd, data_cmd, episodes_cmd, info_cmd, nads_cmd)
+COMMANDS = (train_cmd, eval_cmd, leaderboard_cmd, data_cmd, episodes_cmd, info_cmd, nads_cmd, spectrum_cmd)
 HEAVY = {"train", "eval", "episodes"}
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fewshot_nsl.backbones import BACKBONES
+from fewshot_nsl.backbones import BACKBONES, WEIGHTS
 from fewshot_nsl.backbones.similarity import FORMS, KINDS
 from fewshot_nsl.config import LR_SCHEDULES, METHODS, RunConfig, load_config
 from fewshot_nsl.engine.distributed import is_main_process
@@ -30,6 +30,8 @@ OPTIONS: list[tuple[str, object, str]] = [
     ("--nsl-form", FORMS, "NSL tap mixing: diagonal (k² weights) or full (k²×k² matrix)"),
     ("--nsl-hidden", int, "width of the dynamic NSL meta-network (default 64)"),
     ("--width", int, "Conv-4 filters (default 64; 32 for MAML on Mini-ImageNet)"),
+    ("--weights", WEIGHTS, "plain backbones' convolution weights: real (default), binary ({0,1} connectivity, latent scores "
+     "trained straight-through; Colombo & Gao 2020) or random-frozen (seeded random init, only BatchNorm trains)"),
     ("--plain-stem", "store_true", "keep the first convolution plain in nsl-* backbones"),
     ("--drop-rate", float, "ResNet-12 DropBlock rate (default 0)"),
     ("--distance", ("euclidean", "cosine"), "ProtoNet distance (default euclidean)"),

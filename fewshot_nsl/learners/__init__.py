@@ -45,6 +45,7 @@ def recipe_columns(config: RunConfig) -> dict[str, object]:
         "nsl_hidden": config.nsl_hidden if config.similarity == "dynamic" else None,
         "augmentation": augmentation_label(config),
         "conv4_downsample": config.conv4_downsample if config.backbone.endswith("conv4") else None,
+        "weights": config.weights,
         "config_hash": recipe_hash(config),
     }  # fmt: skip
     label = f"{config.ways}w{config.shots}s{config.queries}q mb{config.meta_batch} {config.episodes}it"
@@ -58,6 +59,7 @@ def recipe_columns(config: RunConfig) -> dict[str, object]:
     label += " strided-conv4" if config.conv4_downsample == "stride" and config.backbone.endswith("conv4") else ""
     label += f" aug:{columns['augmentation']}" if config.augment else ""
     label += " amp-bf16" if config.amp else ""
+    label += f" weights:{config.weights}" if config.weights != "real" else ""
     if config.method == "maml":
         order = "first" if config.first_order else "second"
         switches = list(maml_plus_plus(config).enabled()) + (["ca"] if config.lr_schedule == "cosine" else [])
@@ -92,7 +94,7 @@ LATER_FIELDS = {
     "split_ratios": (None,), "split_seed": (0,), "val_queries": (None,), "augment": (False,), "amp": (False,),
     "conv4_downsample": (None, "maxpool"), "head_init": (None, "uniform"),
     "surrogate_classes": (8000,), "samples_per_class": (100,), "surrogate_batch": (128,), "exemplar_transforms": (None,),
-    "init": (None,),
+    "init": (None,), "weights": ("real",),
 }  # fmt: skip
 AUGMENT_SETTINGS = ("augment_crop_scale", "augment_jitter", "augment_flip")
 
@@ -116,6 +118,7 @@ def build_learner(config: RunConfig, image_shape: tuple[int, int, int]) -> FewSh
         plain_stem=config.plain_stem,
         drop_rate=config.drop_rate,
         conv4_downsample=config.conv4_downsample or "maxpool",
+        weights=config.weights,
     )
     if config.method == "protonet":
         return ProtoNet(backbone, distance=config.distance)

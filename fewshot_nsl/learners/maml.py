@@ -222,7 +222,9 @@ class MAML(FewShotLearner):
         )
         self.step_norms = self._per_step_norms() if plus_plus.per_step_bn else None
         per_step = set(self._step_norm_tables())
-        body = () if anil else tuple(BACKBONE + n for n, _ in backbone.named_parameters() if n not in per_step)
+        # Frozen parameters (``--weights random-frozen``) are not adapted either.
+        trained = [n for n, p in backbone.named_parameters() if n not in per_step and p.requires_grad]
+        body = () if anil else tuple(BACKBONE + n for n in trained)
         self.adapted_names: tuple[str, ...] = (*body, HEAD_WEIGHT, HEAD_BIAS)
         self.inner_lrs = self._learned_rates(like) if (meta_sgd or plus_plus.lslr) else None
         self._adapted: Params | None = None

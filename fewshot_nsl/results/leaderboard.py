@@ -27,7 +27,7 @@ COLUMNS = [
     "episodes", "acc", "ci95", "manifest", "manifest_hash", "parameters", "train_episodes", "train_seconds",
     "seed", "version", "git_commit", "git_dirty", "train_commits", "provenance", "run_dir", "recipe", "config_hash", "train_ways", "train_shots",
     "train_queries", "meta_batch", "lr_schedule", "train_on_val", "augmentation", "conv4_downsample", "nsl_kind", "nsl_form", "nsl_hidden", "maml_head", "maml_head_init", "inner_steps", "eval_inner_steps", "inner_lr", "inner_loss", "maml_order",
-    "maml_plus_plus", "eval_head", "surrogate_classes", "samples_per_class", "init_from",
+    "maml_plus_plus", "eval_head", "surrogate_classes", "samples_per_class", "init_from", "weights",
 ]  # fmt: skip
 RANK_KEYS = ["dataset", "protocol", "ways", "shots"]
 # Hashes and names read as text: a commit like 0508319 or a config hash of digits is not a number.
@@ -121,10 +121,12 @@ def render(frame: pd.DataFrame, fmt: str, extra: Sequence[str] = ()) -> str:
     """A compact table (plus ``extra`` columns): ``markdown`` (aligned text) or ``csv``."""
     recipes = frame["recipe"].astype(object) if "recipe" in frame else pd.Series(None, index=frame.index, dtype=object)
     heads = frame["eval_head"].astype(object) if "eval_head" in frame else pd.Series(None, index=frame.index, dtype=object)
-    frame = frame.assign(recipe=recipes.fillna("—"), head=heads.fillna("own"))  # rows before heads: the learner's own
+    weights = frame["weights"].astype(object) if "weights" in frame else pd.Series(None, index=frame.index, dtype=object)
+    # rows before heads: the learner's own; rows before weight options: real weights
+    frame = frame.assign(recipe=recipes.fillna("—"), head=heads.fillna("own"), weights=weights.fillna("real"))
     shown = frame.assign(
         **{"acc %": (100 * frame["acc"]).round(2), "± ci95": (100 * frame["ci95"]).round(2)}
-    )[["rank", "dataset", "protocol", "ways", "shots", "method", "backbone", "similarity", "head", "acc %", "± ci95",
+    )[["rank", "dataset", "protocol", "ways", "shots", "method", "backbone", "similarity", "weights", "head", "acc %", "± ci95",
        "episodes", "parameters", "train_episodes", "seed", "recipe", *[c for c in extra if c not in ("recipe", "provenance")],
        "provenance", "run_dir"]]  # fmt: skip
     if fmt == "csv":
