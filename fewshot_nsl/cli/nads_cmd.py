@@ -14,6 +14,7 @@ from fewshot_nsl.analysis.nads import (
     dct_direction,
     evaluation_point,
     input_gradients,
+    SeparabilityRecipe,
     separability,
     write_report,
     write_separability,
@@ -23,7 +24,14 @@ from fewshot_nsl.backbones.similarity import FORMS, KINDS
 from fewshot_nsl.errors import UserError
 
 
-CONTROL_LR = 1e-2
+# SeparabilityRecipe fields the command exposes (the paper's values by default; smaller ones for a quick look).
+SEPARABILITY_FLAGS = (
+    ("epsilon", float, "signal: x = ε·y·v + noise"),
+    ("noise", float, "std of the Gaussian noise orthogonal to v"),
+    ("train_samples", int, "training samples per direction"),
+    ("test_samples", int, "test samples per direction"),
+    ("epochs", int, "SGD epochs (batches of 128, learning rate 0.5 decayed linearly to 0, gradient norm clipped at 0.5)"),
+)
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -42,9 +50,10 @@ def register(commands: argparse._SubParsersAction) -> None:
                         help="also run the directional separability test over a grid of 2-D DCT directions "
                         "(separability.csv / .png, with a linear model as the control)")  # fmt: skip
     parser.add_argument("--frequency-step", type=int, default=4, help="separability: DCT frequencies 0, K, 2K, ... per axis (default 4)")
-    parser.add_argument("--steps", type=int, default=100, help="separability: Adam steps of 64 samples per direction (default 100)")
-    parser.add_argument("--epsilon", type=float, default=1.0, help="separability: signal ε along the direction (default 1)")
-    parser.add_argument("--noise", type=float, default=1.0, help="separability: std of the noise orthogonal to it (default 1)")
+    paper = SeparabilityRecipe()
+    for flag, kind, meaning in SEPARABILITY_FLAGS:
+        parser.add_argument(f"--{flag.replace('_', '-')}", type=kind, default=getattr(paper, flag),
+                            help=f"separability: {meaning} (default {getattr(paper, flag)}, the paper's)")  # fmt: skip
     parser.set_defaults(handler=handle)
 
 
@@ -62,17 +71,15 @@ def handle(args: argparse.Namespace) -> None:
     nads = anisotropy_directions(gradients)
     write_report(nads, args.out, args.top)
     if args.separability:
-        if args.frequency_step < 1 or args.steps < 1 or args.epsilon <= 0 or args.noise < 0:
-            raise UserError("--frequency-step and --steps must be >= 1, --epsilon > 0, --noise >= 0")
+        if args.frequency_step < 1:
+            raise UserError("--frequency-step must be >= 1")
+        recipe = SeparabilityRecipe(**{flag: getattr(args, flag) for flag, _, _ in SEPARABILITY_FLAGS})
+        recipe.check()
         frequencies = range(0, args.input_size, args.frequency_step)
         directions = {(r, c): dct_direction(args.input_size, r, c) for r in frequencies for c in frequencies}
-        settings = {"steps": args.steps, "epsilon": args.epsilon, "noise": args.noise}
-        network = separability(build, directions, args.channels, args.seed, **settings)
+        network = separability(build, directions, args.channels, args.seed, recipe)
         flat = args.channels * args.input_size**2
-        # The control only has to show each task is solvable: a linear model, with a larger step (1e-2)
-        # so that it does within the same number of steps.
-        control = separability(
-            lambda g: ScalarReadout(nn.Flatten(), flat, g), directions, args.channels, args.seed, lr=CONTROL_LR, **settings
-        )
+        # The control shows each task is solvable: a linear model trained by the same recipe.
+        control = separability(lambda g: ScalarReadout(nn.Flatten(), flat, g), directions, args.channels, args.seed, recipe)
         write_separability(network, control, args.out)
     print(f"{args.backbone} ({similarity.label}), {args.samples} initialisations: NADs in {args.out}")
