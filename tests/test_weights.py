@@ -111,11 +111,15 @@ def test_weight_options_are_refused_on_nsl_backbones_and_unknown_values_with_one
     assert capsys.readouterr().err.count("\n") == 1
 
 
-def test_resnet12_binarises_every_convolution_including_the_shortcuts() -> None:
+def test_resnet12_binarises_or_freezes_every_convolution_including_the_shortcuts() -> None:
     backbone = build_backbone("resnet12-512", (3, 16, 16), weights="binary")
     convolutions = [m for m in backbone.modules() if isinstance(m, nn.Conv2d)]
     assert len(convolutions) == 16  # 4 blocks x (3 + a 1x1 shortcut)
     assert all(set(m.weight.unique().tolist()) <= {0.0, 1.0} for m in convolutions)
+    frozen = build_backbone("resnet12-512", (3, 16, 16), weights="random-frozen")
+    trainable = {name for name, p in frozen.named_parameters() if p.requires_grad}
+    assert len(trainable) == 2 * 16 and all(".weight" in n or ".bias" in n for n in trainable)  # the 16 BatchNorms
+    assert all(isinstance(frozen.get_submodule(n.rsplit(".", 1)[0]), nn.BatchNorm2d) for n in trainable)
 
 
 def test_recipes_and_leaderboard_tell_weight_options_apart() -> None:

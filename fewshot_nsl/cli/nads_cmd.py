@@ -22,6 +22,7 @@ from fewshot_nsl.analysis.nads import (
 from fewshot_nsl.backbones import BACKBONES, build_backbone, resolve_similarity
 from fewshot_nsl.backbones.similarity import FORMS, KINDS
 from fewshot_nsl.errors import UserError
+from fewshot_nsl.runtime import seeded
 
 
 # SeparabilityRecipe fields the command exposes (the paper's values by default; smaller ones for a quick look).
@@ -64,7 +65,9 @@ def handle(args: argparse.Namespace) -> None:
     shape = (args.channels, args.input_size, args.input_size)
 
     def build(generator: torch.Generator) -> ScalarReadout:
-        backbone = build_backbone(args.backbone, shape, similarity=similarity, generator=generator)
+        # Layer constructors draw from the default generator: seed it from this initialisation's own.
+        with seeded(int(torch.randint(2**62, (1,), generator=generator))):
+            backbone = build_backbone(args.backbone, shape, similarity=similarity, generator=generator)
         return ScalarReadout(backbone, backbone.out_features, generator)
 
     gradients = input_gradients(build, evaluation_point(*shape[:2], seed=args.seed), args.samples, args.seed)
