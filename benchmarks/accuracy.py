@@ -136,7 +136,10 @@ SUITES = {
         tuple(
             Run(f"protonet-{label}-20w5s", PROTONET | extra | {"ways": 20, "shots": 5}, ((20, 1), (20, 5)))
             for label, extra in NSL_VARIANTS
-        ),
+        )
+        # a second training seed of the cheapest dynamic variant: the training spread its reruns are read against
+        + (Run("protonet-nsl-dynamic-h16-20w5s-seed1", PROTONET | NSL_DYNAMIC | {"nsl_hidden": 16, "ways": 20, "shots": 5},
+               ((20, 1), (20, 5)), seed_offset=1),),  # fmt: skip
         note="conv4, static NSL (diagonal) and dynamic NSL (diagonal; meta-network width h = 64 unless the run name "
         "says h32/h16) share recipe (20-way 5-shot 5-query training episodes), seed, training iterations and "
         "evaluation manifests. Training wall times are only comparable between runs made on a quiet machine; "
