@@ -333,6 +333,9 @@ def extrapolated(points: pd.DataFrame, iterations: int) -> float | None:
     return float(min(1.0, slope * np.log(iterations) + intercept))
 
 
+RANK_TOLERANCE = 1e-10  # relative to a layer's largest singular value; float64 round-off is about 1e-16
+
+
 def spectrum_section(name: str, suite: Suite, runs_root: Path) -> str:
     """The suite's runs' layer spectra compared (as ``fewshot-nsl spectrum``): files in ``<suite>-spectrum/``
     and the distance matrix as markdown; empty if no run directory is present."""
@@ -351,6 +354,13 @@ def spectrum_section(name: str, suite: Suite, runs_root: Path) -> str:
         "", "| run | " + " | ".join(present) + " |", "|---|" + "---|" * len(present),
     ]  # fmt: skip
     lines += [f"| {run} | " + " | ".join(f"{distances.loc[run, other]:.3f}" for other in present) + " |" for run in present]
+    layers = list(next(iter(spectra.values())))
+    lines += ["", f"Numerical rank per layer (singular values above {RANK_TOLERANCE:g} of the largest):", "",
+              "| run | " + " | ".join(layers) + " |", "|---|" + "---|" * len(layers)]  # fmt: skip
+    lines += [
+        f"| {run} | " + " | ".join(f"{int((v > RANK_TOLERANCE * v[0]).sum())} of {len(v)}" for v in spectra[run].values()) + " |"
+        for run in present
+    ]
     return "\n".join(lines) + "\n"
 
 
