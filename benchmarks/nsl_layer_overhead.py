@@ -8,14 +8,19 @@ into its two parts, so the report shows where the time goes:
 
 * ``meta-network``: ``similarity(x)`` alone (patch energy, conv C→h, BatchNorm,
   ReLU, conv h→k² or k⁴);
-* ``modulated conv``: the tap-modulated convolution with a fixed similarity
-  (the part whose FLOPs equal the plain convolution's plus the modulation), by
-  the path the layer takes; stems also time the other path of the diagonal form
-  (``patch path``), to show why they take the planes path.
+* ``modulated conv, <path>``: the tap-modulated convolution with a fixed
+  similarity (the part whose FLOPs equal the plain convolution's plus the
+  modulation), on every implementation the layer's form has: the compiled
+  kernels (``fused``), and the PyTorch ``patches`` and (diagonal) ``planes``
+  paths.
+
+Whole layers run their default path; ``<variant>, PyTorch path`` is the same
+layer on its faster PyTorch implementation (what ran before the fused kernels).
 
 Stems get no input gradient (their input is the images), like in training.
 At the 14×14 and 42×42 shapes an operator profile (``torch.profiler``) of the
-diagonal modulated convolution's training step follows the table.
+diagonal modulated convolution's training step on the PyTorch patch path
+follows the table (the fused kernels are one opaque call to the profiler).
 
 Each is timed twice: forward + backward, and the forward alone under
 ``no_grad`` (as in evaluation). Variants are timed alternately over several
@@ -34,6 +39,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from copy import deepcopy
 
 import torch
 from torch import nn
@@ -44,7 +50,7 @@ from benchmarks.common import add_allow_dirty, machine, provenance, write_result
 from benchmarks.nsl_overhead import layer_multiply_adds  # noqa: E402
 from fewshot_nsl.backbones.similarity import Similarity  # noqa: E402
 from fewshot_nsl.nsl import DynamicNSLConv2d  # noqa: E402
-from fewshot_nsl.nsl.dynamic import _planes_modulated_conv, _TapModulatedConv  # noqa: E402
+from fewshot_nsl.nsl.dynamic import CPU_CHUNK_ELEMENTS, _planes_modulated_conv, _TapModulatedConv  # noqa: E402
 from fewshot_nsl.runtime import FAST_MALLOC, seeded  # noqa: E402
 
 CHANNELS = 64
@@ -87,23 +93,32 @@ def forward_only(forward: Callable[[], torch.Tensor]) -> Callable[[], None]:
     return step
 
 
-def takes_planes_path(layer: DynamicNSLConv2d) -> bool:
-    return layer.path == "planes"
+def modulated_paths(layer: DynamicNSLConv2d) -> tuple[str, ...]:
+    return ("fused", "patches", "planes") if layer.form == "diagonal" else ("fused", "patches")
 
 
-def modulated_only(layer: DynamicNSLConv2d, x: torch.Tensor, planes: bool) -> Callable[[], torch.Tensor]:
+def modulated_only(layer: DynamicNSLConv2d, x: torch.Tensor, path: str) -> Callable[[], torch.Tensor]:
     """The tap-modulated convolution with the layer's similarity precomputed (no meta-network)."""
     with torch.no_grad():
         sim = layer.similarity(x)
-    if planes:
+    if path == "planes":
         gain = sim.requires_grad_()
         return lambda: _planes_modulated_conv(x, layer.weight, gain, layer.stride, layer.padding)
     tap_last = (sim.permute(0, 2, 3, 1) if layer.form == "diagonal" else sim.permute(0, 3, 4, 1, 2)).requires_grad_()
-    return lambda: _TapModulatedConv.apply(x, layer.weight, tap_last, layer.stride, layer.padding, True)
+    return lambda: _TapModulatedConv.apply(
+        x, layer.weight, tap_last, layer.stride, layer.padding, True, CPU_CHUNK_ELEMENTS, path == "fused"
+    )
 
 
+def on_pytorch_path(layer: DynamicNSLConv2d) -> DynamicNSLConv2d:
+    copy = deepcopy(layer)
+    copy.path = layer.pytorch_path
+    return copy
+
+
+PYTORCH_SUFFIX = ", PyTorch path"
 PROFILED_SHAPES = ("omniglot 14×14 ×200", "mini 42×42 ×100")
-PROFILED_VARIANT = "dynamic-diagonal-h16: modulated conv"
+PROFILED_VARIANT = "dynamic-diagonal-h16: modulated conv, patches"
 PROFILE_TOP = 8
 
 
@@ -148,11 +163,11 @@ def main() -> None:
         for name, layer in layers.items():
             forwards[name] = lambda layer=layer: layer(x)
             if isinstance(layer, DynamicNSLConv2d):
-                planes = takes_planes_path(layer)
+                if layer.path != layer.pytorch_path:
+                    forwards[f"{name}{PYTORCH_SUFFIX}"] = lambda layer=on_pytorch_path(layer): layer(x)
                 forwards[f"{name}: meta-network"] = lambda layer=layer: layer.similarity(x)
-                forwards[f"{name}: modulated conv"] = modulated_only(layer, x, planes)
-                if planes:
-                    forwards[f"{name}: modulated conv, patch path"] = modulated_only(layer, x, planes=False)
+                for path in modulated_paths(layer):
+                    forwards[f"{name}: modulated conv, {path}"] = modulated_only(layer, x, path)
         steps = {name: forward_backward(forward, generator) for name, forward in forwards.items()}
         steps |= {f"{name} [fwd]": forward_only(forward) for name, forward in forwards.items()}
         times: dict[str, list[float]] = {name: [] for name in steps}
@@ -169,7 +184,7 @@ def main() -> None:
                 shape_name, op_profile(steps[PROFILED_VARIANT], args.repeats), op_profile(steps["conv"], args.repeats)
             )
         for name in forwards:
-            variant = VARIANTS.get(name.split(":")[0], Similarity("conv"))
+            variant = VARIANTS.get(name.split(":")[0].removesuffix(PYTORCH_SUFFIX), Similarity("conv"))
             positions = batch * side * side
             whole_layer = ":" not in name
             row: dict[str, object] = {"shape": shape_name, "variant": name}
@@ -201,11 +216,14 @@ def main() -> None:
         f"medians; {info['cpu_count']} cores, {info['threads']} threads, torch {info['torch']}, channels_last, "
         f"GLIBC_TUNABLES {'set' if info['glibc_tunables'] == FAST_MALLOC else 'not set'}. Forward + backward "
         "(input gradient except for stems, weight and similarity gradients), and the forward alone under `no_grad`, "
-        "against `nn.Conv2d` in the same run; the FLOP ratios are the corrected floors of `nsl_overhead.py`. The "
-        "`meta-network` and `modulated conv` rows split the dynamic layer into its two halves; `patch path` is the "
-        "diagonal form's other implementation, which stems do not take.\n\n" + "\n".join(lines) + "\n\n"
-        "## Where the modulated convolution's time goes\n\nOperators of one forward + backward step of the "
-        "64→64 tap-modulated convolution (diagonal, fixed similarity), by self CPU time.\n\n" + "\n".join(profiles)
+        "against `nn.Conv2d` in the same run; the FLOP ratios are the corrected floors of `nsl_overhead.py`. Whole "
+        f"dynamic layers take their default path (the fused kernels, planes on 1-channel stems); `{PYTORCH_SUFFIX}` is "
+        "the same layer on its PyTorch implementation (the state before the kernels). The `meta-network` and "
+        "`modulated conv` rows split the dynamic layer into its two halves, the latter on each implementation.\n\n"
+        + "\n".join(lines) + "\n\n"
+        "## Where the PyTorch patch path's time goes\n\nOperators of one forward + backward step of the "
+        "64→64 tap-modulated convolution (diagonal, fixed similarity) on the patch path, by self CPU time.\n\n"
+        + "\n".join(profiles)
     )
     write_results("nsl_layer_overhead", {"machine": info, "rounds": args.rounds, "repeats": args.repeats, "rows": rows}, text, origin)
 

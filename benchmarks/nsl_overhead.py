@@ -41,6 +41,7 @@ import os
 import statistics
 import sys
 import time
+from copy import deepcopy
 
 import torch
 
@@ -51,7 +52,7 @@ from fewshot_nsl.backbones import build_backbone  # noqa: E402
 from fewshot_nsl.backbones.similarity import Similarity  # noqa: E402
 from fewshot_nsl.episodes.episode import Episode  # noqa: E402
 from fewshot_nsl.learners import ProtoNet  # noqa: E402
-from fewshot_nsl.nsl import fold_static_nsl  # noqa: E402
+from fewshot_nsl.nsl import DynamicNSLConv2d, fold_static_nsl  # noqa: E402
 from fewshot_nsl.runtime import FAST_MALLOC, seeded  # noqa: E402
 
 INPUTS = {"omniglot-20w5s5q": ((1, 28, 28), 20, 5, 5), "miniimagenet-5w5s15q": ((3, 84, 84), 5, 5, 15)}
@@ -64,7 +65,20 @@ VARIANTS = {
     "dynamic-diagonal-h64": Similarity("dynamic", "diagonal", 64),
     "dynamic-full-h64": Similarity("dynamic", "full", 64),
 }
+DYNAMIC_VARIANTS = {name: similarity for name, similarity in VARIANTS.items() if similarity.kind == "dynamic"}
+# Dynamic layers run the fused kernels by default; this suffix marks the same
+# learner with every dynamic layer on the PyTorch patch path (the "before").
+PYTORCH_SUFFIX = ", PyTorch path"
 WIDTH = 64
+
+
+def on_pytorch_path(learner: ProtoNet) -> ProtoNet:
+    """A copy of ``learner`` whose fused dynamic layers take the PyTorch patch path instead."""
+    copy = deepcopy(learner)
+    for module in copy.modules():
+        if isinstance(module, DynamicNSLConv2d) and module.path == "fused":
+            module.path = "patches"
+    return copy
 
 
 def layer_multiply_adds(
@@ -145,6 +159,8 @@ def main() -> None:
             with seeded(0):
                 backbone = build_backbone("conv4" if similarity.kind == "conv" else "nsl-conv4", shape, similarity)
             learners[name] = ProtoNet(backbone).to(memory_format=layout)
+        for name, similarity in DYNAMIC_VARIANTS.items():  # the same weights on the PyTorch path: before/after
+            learners[f"{name}{PYTORCH_SUFFIX}"] = on_pytorch_path(learners[name])
         evaluators = {name: fold_static_nsl(learner).eval() for name, learner in learners.items()}
 
         def train_step(learner: ProtoNet) -> None:
@@ -155,17 +171,18 @@ def main() -> None:
         def eval_step(learner: ProtoNet) -> None:
             learner.fit(episode.support_images, episode.support_labels, ways)(episode.query_images)
 
-        train_times = {name: [] for name in VARIANTS}
-        eval_times = {name: [] for name in VARIANTS}
-        for name in VARIANTS:  # warm-up
+        train_times: dict[str, list[float]] = {name: [] for name in learners}
+        eval_times: dict[str, list[float]] = {name: [] for name in learners}
+        for name in learners:  # warm-up
             train_step(learners[name])
             eval_step(evaluators[name])
         for _ in range(rounds):
-            for name in VARIANTS:
+            for name in learners:
                 train_times[name].append(timed(lambda: train_step(learners[name]), repeats))
                 eval_times[name].append(timed(lambda: eval_step(evaluators[name]), repeats))
         base_train, base_eval = statistics.median(train_times["conv"]), statistics.median(eval_times["conv"])
-        for name, similarity in VARIANTS.items():
+        for name in learners:
+            similarity = VARIANTS[name.removesuffix(PYTORCH_SUFFIX)]
             train_s, eval_s = statistics.median(train_times[name]), statistics.median(eval_times[name])
             forward_flops, training_flops = flop_ratio(similarity, shape), flop_ratio(similarity, shape, training=True)
             rows.append({
@@ -191,7 +208,9 @@ def main() -> None:
         f"{info['cpu_count']} cores, {info['threads']} threads, torch {info['torch']}, channels_last, "
         f"GLIBC_TUNABLES {'set' if info['glibc_tunables'] == FAST_MALLOC else 'not set'}. Ratios are against plain Conv-4 "
         "in the same run. Training = ProtoNet episode forward+backward; evaluation = forward with static NSL folded. "
-        "FLOP ratios count the four 3×3 layers (forward, or forward + backward: see the script's docstring).\n\n"
+        "FLOP ratios count the four 3×3 layers (forward, or forward + backward: see the script's docstring). "
+        f"Dynamic layers take their default path (the fused kernels where they apply); rows marked `{PYTORCH_SUFFIX}` "
+        "run the same learner with every dynamic layer on the PyTorch patch path.\n\n"
         + "\n".join(lines) + "\n"
     )
     write_results("nsl_overhead", {"machine": info, "rounds": rounds, "repeats": repeats, "rows": rows}, text, origin)

@@ -18,9 +18,10 @@ import fewshot_nsl.nsl.dynamic as dynamic_module
 from fewshot_nsl.nsl import DynamicNSLConv2d, StaticNSLConv2d, fold_static_nsl
 
 FORMS = ["diagonal", "full"]
-# Dynamic NSL's two implementations: the chunked patch path (every full form, and
+# Dynamic NSL's PyTorch implementations: the chunked patch path (every full form, and
 # diagonal layers with many input channels) and the planes path that diagonal
 # layers with few input channels take. Tests pick each with the layer's ``path``.
+# The compiled kernels of the default "fused" path: tests/test_fused_kernels.py.
 DYNAMIC_PATHS = [("diagonal", "patches"), ("diagonal", "planes"), ("full", "patches")]
 GEOMETRIES = [(1, 0), (1, 1), (2, 0), (2, 1)]  # (stride, padding)
 
@@ -286,8 +287,9 @@ def test_dynamic_gradcheck(form, path, chunked):
     assert torch.autograd.gradcheck(run, (x, *[params[n] for n in names]))
 
 
-def test_few_channel_diagonal_layers_take_the_planes_path():
-    """The default route, seen in the autograd graph: the patch path is the one custom Function."""
+def test_default_paths_and_their_pytorch_fallbacks():
+    """The default route, seen in the autograd graph: the patch path and the fused
+    kernels run inside the one custom Function, the planes path does not."""
 
     def ran_patch_path(layer: DynamicNSLConv2d) -> bool:
         y = layer(torch.randn(2, layer.in_channels, 6, 6, requires_grad=True))
@@ -295,9 +297,15 @@ def test_few_channel_diagonal_layers_take_the_planes_path():
             type(f).__name__ == "_TapModulatedConvBackward" for f, _ in y.grad_fn.next_functions if f is not None
         )
 
-    few = dynamic_module.PLANES_MAX_CHANNELS
-    assert DynamicNSLConv2d(few, 4, hidden=3).path == "planes" and not ran_patch_path(DynamicNSLConv2d(few, 4, hidden=3))
-    assert DynamicNSLConv2d(few + 1, 4, hidden=3).path == "patches" and ran_patch_path(DynamicNSLConv2d(few + 1, 4, hidden=3))
+    below = dynamic_module.FUSED_MIN_CHANNELS - 1
+    assert DynamicNSLConv2d(below, 16, hidden=3).path == "planes"
+    assert not ran_patch_path(DynamicNSLConv2d(below, 16, hidden=3))
+    assert DynamicNSLConv2d(3, 16, hidden=3).path == "fused" and ran_patch_path(DynamicNSLConv2d(3, 16, hidden=3))
+    # Where the kernels do not apply (4 output channels), the faster PyTorch route.
+    few, many = dynamic_module.PLANES_MAX_CHANNELS, dynamic_module.PLANES_MAX_CHANNELS + 1
+    assert DynamicNSLConv2d(few, 4, hidden=3).pytorch_path == "planes" and not ran_patch_path(DynamicNSLConv2d(few, 4, hidden=3))
+    assert DynamicNSLConv2d(many, 4, hidden=3).pytorch_path == "patches" and ran_patch_path(DynamicNSLConv2d(many, 4, hidden=3))
+    assert DynamicNSLConv2d(1, 4, hidden=3, form="full").path == "fused"
     assert ran_patch_path(DynamicNSLConv2d(1, 4, hidden=3, form="full"))
     assert ran_patch_path(DynamicNSLConv2d(1, 4, hidden=3, path="patches"))
     with pytest.raises(ValueError, match="'planes' for the diagonal form only"):

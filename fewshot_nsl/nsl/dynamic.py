@@ -6,19 +6,24 @@ a small meta-network over the layer's own input, so the layer can reweight
 
 Speed. The published implementation materialises the per-tap responses (a
 convolution with ``k**2`` times the output channels). Here the modulation is
-applied to the *input* patches instead: for each chunk of samples the patches
+applied to the *input* patches instead: for a block of positions the patches
 ``X`` (``L x k**2 x C``) are gathered, mixed along the tap axis
 (``m * X`` or ``M(p) @ X``, cost ``C * k**2`` or ``C * k**4`` per position),
-and multiplied by the kernel, the convolution's own FLOPs. That product and
-both of its gradients run as oneDNN 1x1 convolutions over the patch rows
-(forward, input side, and weight gradient), which oneDNN runs far faster
-than ``torch.matmul`` runs the same GEMMs on this project's CPU (the
-before/after per-layer figures: benchmarks/nsl_layer_overhead.py).
-A custom autograd function recomputes the patches chunk by chunk in backward
-instead of saving them, so the ``k**2``-times-larger patch tensor never leaves
-the CPU cache: DRAM traffic stays that of a plain convolution. Layers with few
-input channels (the stem on images) take a second route for the diagonal form,
-:func:`_planes_modulated_conv`, because the patch path's loops are too thin there.
+and multiplied by the kernel, the convolution's own FLOPs. Three
+implementations compute this:
+
+* ``fused`` (the default): compiled CPU kernels (:mod:`fewshot_nsl.nsl.fused`)
+  that build each block of modulated patches in cache and multiply it at once
+  with a register-blocked micro-kernel, and form the backward's patch-space
+  gradient once for both the input and the similarity gradients;
+* ``patches`` (PyTorch): a custom autograd function that gathers the patches
+  chunk by chunk and runs the product and both of its gradients as oneDNN 1x1
+  convolutions, recomputing the patches in backward instead of saving them;
+  it also serves the calls the kernels do not (double backward, vmap);
+* ``planes`` (PyTorch, diagonal form): patches unfolded channel-major, for
+  layers with few input channels, where the patch path's loops are too thin.
+
+Their costs against a plain convolution: benchmarks/nsl_layer_overhead.py.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from fewshot_nsl.nsl import fused
 from fewshot_nsl.nsl.patches import (
     NSLConvBase,
     require_int,
@@ -43,7 +49,7 @@ from fewshot_nsl.nsl.patches import (
 # chunk's patches, modulated patches and their gradients (4 MiB each in
 # float32) then stay in L2/L3 between the gather, the GEMMs and the scatter.
 CPU_CHUNK_ELEMENTS = 1 << 20
-PATHS = ("planes", "patches")
+PATHS = ("planes", "patches", "fused")
 
 
 def _samples_per_chunk(x: torch.Tensor, patch_elements_per_sample: int, chunk_elements: int) -> int:
@@ -92,8 +98,10 @@ class _TapModulatedConv(torch.autograd.Function):
     (B, Ho, Wo, k*k[, k*k]). Output (B, O, Ho, Wo), channels_last when
     ``nhwc_out`` (each chunk's GEMM writes straight into that layout).
     ``chunk_elements`` bounds the patch elements handled at once on CPU.
-    Written with ordinary differentiable ops only (double backward for MAML)
-    and ``generate_vmap_rule`` (vmap over tasks, per-task weights).
+    ``use_fused`` hands the calls that need no graph to the compiled kernels
+    (:mod:`fewshot_nsl.nsl.fused`) where they apply; everything else is written
+    with ordinary differentiable ops only (double backward for MAML) and
+    ``generate_vmap_rule`` (vmap over tasks, per-task weights).
     """
 
     generate_vmap_rule = True
@@ -107,7 +115,11 @@ class _TapModulatedConv(torch.autograd.Function):
         padding: int,
         nhwc_out: bool,
         chunk_elements: int = CPU_CHUNK_ELEMENTS,
+        use_fused: bool = False,
     ) -> torch.Tensor:
+        if use_fused and fused.applies(x, weight, sim):
+            y = fused.forward(x, weight, sim, stride, padding).permute(0, 3, 1, 2)
+            return y if nhwc_out else y.contiguous()
         batch = x.shape[0]
         out_channels, _, k, _ = weight.shape
         out_h, out_w = sim.shape[1], sim.shape[2]
@@ -123,10 +135,11 @@ class _TapModulatedConv(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        x, weight, sim, stride, padding, _, *chunking = inputs
+        x, weight, sim, stride, padding, _, *options = inputs
         ctx.save_for_backward(x, weight, sim)
         ctx.stride, ctx.padding = stride, padding
-        ctx.chunk_elements = chunking[0] if chunking else CPU_CHUNK_ELEMENTS
+        ctx.chunk_elements = options[0] if options else CPU_CHUNK_ELEMENTS
+        ctx.use_fused = options[1] if len(options) > 1 else False
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
@@ -136,6 +149,10 @@ class _TapModulatedConv(torch.autograd.Function):
         batch, channels, height, width = x.shape
         out_channels, _, k, _ = weight.shape
         out_h, out_w = sim.shape[1], sim.shape[2]
+        # A backward that builds a graph (double backward) must stay differentiable.
+        if ctx.use_fused and not torch.is_grad_enabled() and fused.applies(x, weight, sim):
+            grads = fused.backward(x, weight, sim, grad_out, stride, padding, (need_x, need_w, need_sim))
+            return *grads, None, None, None, None, None
         taps_weight = _tap_major(weight)
         # The input-side gradient of the 1x1 convolution is the 1x1 convolution
         # with the transposed matrix (O -> k*k*C channels).
@@ -183,7 +200,7 @@ class _TapModulatedConv(torch.autograd.Function):
         grad_sim = torch.cat(grad_sim_parts) if need_sim else None
         if grad_w is not None:
             grad_w = grad_w.flatten(1).t().reshape(out_channels, k, k, channels).permute(0, 3, 1, 2)
-        return grad_x, grad_w, grad_sim, None, None, None, None
+        return grad_x, grad_w, grad_sim, None, None, None, None, None
 
 
 def _planes_modulated_conv(
@@ -209,8 +226,13 @@ def _planes_modulated_conv(
 
 
 # Input channels up to which the diagonal form takes :func:`_planes_modulated_conv` by default
-# (benchmarks/nsl_layer_overhead.py: 2-4x faster than the chunked path on 1- and 3-channel stems).
+# when it computes in PyTorch (benchmarks/nsl_layer_overhead.py: 2-4x faster than the chunked
+# path on 1- and 3-channel stems).
 PLANES_MAX_CHANNELS = 4
+# Input channels from which the fused kernels are the default. A single-channel stem
+# stays on the planes path, which trained it faster there (benchmarks/nsl_layer_overhead.py):
+# with one channel the kernels' per-tap work is all loop overhead.
+FUSED_MIN_CHANNELS = 2
 
 
 class DynamicNSLConv2d(NSLConvBase):
@@ -226,11 +248,14 @@ class DynamicNSLConv2d(NSLConvBase):
     The meta-network's BatchNorm is an ordinary ``nn.BatchNorm2d``, so
     ``torch.func.replace_all_batch_norm_modules_`` (vmap over tasks) finds it.
 
-    ``path`` picks the implementation of the modulated convolution (both
-    compute the same function): ``"planes"`` (diagonal form only) or
-    ``"patches"``; by default planes for diagonal layers with at most
-    ``PLANES_MAX_CHANNELS`` input channels, where it is faster. ``chunk_elements``
-    bounds the patch path's working set on CPU (see ``CPU_CHUNK_ELEMENTS``).
+    ``path`` picks the implementation of the modulated convolution (all
+    compute the same function): ``"planes"`` (diagonal form only),
+    ``"patches"`` (PyTorch ops), or ``"fused"``: the compiled CPU kernels of
+    :mod:`fewshot_nsl.nsl.fused` for the calls they serve, and for the rest
+    (double backward, ``torch.func`` transforms, float64, GPUs, no compiler)
+    :attr:`pytorch_path`. By default fused, except planes for single-channel
+    diagonal layers (``FUSED_MIN_CHANNELS``). ``chunk_elements`` bounds the patch path's working set on CPU
+    (see ``CPU_CHUNK_ELEMENTS``).
     """
 
     energy_eps = 1e-6
@@ -251,7 +276,7 @@ class DynamicNSLConv2d(NSLConvBase):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias, form)
         self.hidden = require_int("hidden", hidden, 1)
         if path is None:
-            path = "planes" if form == "diagonal" and in_channels <= PLANES_MAX_CHANNELS else "patches"
+            path = "planes" if form == "diagonal" and in_channels < FUSED_MIN_CHANNELS else "fused"
         if path not in PATHS or (path == "planes" and form != "diagonal"):
             raise ValueError(f"path must be one of {PATHS} ('planes' for the diagonal form only), got {path!r}")
         self.path = path
@@ -291,15 +316,26 @@ class DynamicNSLConv2d(NSLConvBase):
         # the output still comes back in the caller's layout.
         x = to_channels_last(x)
         sim = self.similarity(x)
-        if self.path == "planes":
+        path = self.path
+        if path == "fused" and not fused.applies(x, self.weight, sim):
+            path = self.pytorch_path
+        if path == "planes":
             y = _planes_modulated_conv(x, self.weight, sim, self.stride, self.padding)
             y = y if nhwc_out else y.contiguous()
             return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
         tap_last = sim.permute(0, 2, 3, 1) if self.form == "diagonal" else sim.permute(0, 3, 4, 1, 2)
-        y = _TapModulatedConv.apply(x, self.weight, tap_last, self.stride, self.padding, nhwc_out, self.chunk_elements)
+        y = _TapModulatedConv.apply(
+            x, self.weight, tap_last, self.stride, self.padding, nhwc_out, self.chunk_elements, path == "fused"
+        )
         if self.bias is not None:
             y = y + self.bias.view(1, -1, 1, 1)
         return y
+
+    @property
+    def pytorch_path(self) -> str:
+        """The faster PyTorch implementation for this layer: planes for diagonal
+        layers with at most ``PLANES_MAX_CHANNELS`` input channels, else patches."""
+        return "planes" if self.form == "diagonal" and self.in_channels <= PLANES_MAX_CHANNELS else "patches"
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, hidden={self.hidden}, path={self.path}"

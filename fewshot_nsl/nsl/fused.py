@@ -1,0 +1,140 @@
+"""The fused CPU kernels of the tap-modulated convolution, compiled on first use.
+
+``kernels/tap_modulated_conv.cpp`` builds each block of modulated patches in
+cache and multiplies it at once (see its header for why). It is compiled by
+``torch.utils.cpp_extension`` the first time a dynamic NSL layer runs on CPU
+(about 20 s once; the build is cached under ``TORCH_EXTENSIONS_DIR``, by
+default ``~/.cache/torch_extensions``). It needs a C++ compiler with OpenMP
+(``ninja`` comes with the package's dependencies); where the build fails the layers run their PyTorch path and one
+warning says why. ``FEWSHOT_NSL_FUSED=0`` turns the kernels off.
+
+The kernels are not differentiable, so they serve only the calls where that
+is not needed: a forward, and a backward that builds no graph. Double
+backward (MAML's second order) and ``torch.func`` transforms take the PyTorch
+path, which computes the same function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import shutil
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+SOURCE = Path(__file__).with_name("kernels") / "tap_modulated_conv.cpp"
+SWITCH_VARIABLE = "FEWSHOT_NSL_FUSED"
+# The micro-kernel works on whole vectors of 16 floats along its output columns:
+# the layer's output channels must fill them.
+VECTOR_LANES = 16
+
+
+@functools.cache
+def extension() -> ModuleType | None:
+    """The compiled kernels, or ``None`` where they are switched off or do not build."""
+    if os.environ.get(SWITCH_VARIABLE, "1") == "0":
+        return None
+    from torch.utils.cpp_extension import load
+
+    try:
+        with _ninja_on_path():
+            return load(
+                name="fewshot_nsl_tap_modulated_conv",
+                sources=[str(SOURCE)],
+                extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+            )
+    except (OSError, RuntimeError, ImportError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        warnings.warn(
+            f"fused dynamic NSL kernels did not build ({first_line}); dynamic NSL runs its slower PyTorch path. "
+            f"Install a C++ compiler with OpenMP (e.g. g++), or set {SWITCH_VARIABLE}=0 to silence this.",
+            stacklevel=3,
+        )
+        return None
+
+
+@contextlib.contextmanager
+def _ninja_on_path() -> Iterator[None]:
+    """``torch.utils.cpp_extension`` runs ``ninja`` from PATH; a virtual
+    environment that is not activated has the pip-installed one (a dependency)
+    off PATH, so lend it for the build."""
+    if shutil.which("ninja") is not None:
+        yield
+        return
+    import ninja
+
+    saved = os.environ.get("PATH", "")
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + saved
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = saved
+
+
+def _plain(tensor: torch.Tensor) -> bool:
+    # torch.func wraps tensors (vmap batching, grad tracking); the kernels
+    # read raw memory, so those calls take the PyTorch path.
+    return not torch._C._functorch.is_functorch_wrapped_tensor(tensor)
+
+
+def applies(x: torch.Tensor, weight: torch.Tensor, sim: torch.Tensor) -> bool:
+    """Whether the kernels can compute this call (and are available)."""
+    return (
+        all(t.device.type == "cpu" and t.dtype == torch.float32 and _plain(t) for t in (x, weight, sim))
+        and weight.shape[0] % VECTOR_LANES == 0
+        and extension() is not None
+    )
+
+
+def _nhwc(tensor: torch.Tensor) -> torch.Tensor:
+    """A (B, C, H, W) tensor's NHWC memory, copied only if it is not channels_last already."""
+    return tensor.permute(0, 2, 3, 1).contiguous()
+
+
+def tap_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """The kernel (O, C, k, k) as the (k*k*C, O) matrix the kernels multiply, rows tap-major."""
+    out_channels = weight.shape[0]
+    return weight.permute(2, 3, 1, 0).reshape(-1, out_channels).contiguous()
+
+
+def forward(x: torch.Tensor, weight: torch.Tensor, sim: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
+    """``y`` (B, Ho, Wo, O) from ``x`` (B, C, H, W) and the tap-last similarity."""
+    kernel = extension()
+    assert kernel is not None, "call applies() first"
+    return kernel.forward(_nhwc(x), sim.contiguous(), tap_matrix(weight), weight.shape[-1], stride, padding)
+
+
+def backward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    sim: torch.Tensor,
+    grad_y: torch.Tensor,
+    stride: int,
+    padding: int,
+    needs: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients for ``x`` (channels_last), the weight (O, C, k, k) and the
+    similarity, each ``None`` where ``needs`` says it is not wanted.
+    ``grad_y`` is (B, O, Ho, Wo)."""
+    kernel = extension()
+    assert kernel is not None, "call applies() first"
+    out_channels, in_channels, k, _ = weight.shape
+    matrix = tap_matrix(weight)
+    # The transpose gets zero columns up to whole vectors (k*k*C = 9 or 27 on image stems).
+    depth = matrix.shape[0]
+    transposed = F.pad(matrix.t(), (0, -depth % VECTOR_LANES)).contiguous()
+    grad_x, grad_w, grad_sim = kernel.backward(
+        _nhwc(x), sim.contiguous(), matrix, transposed, _nhwc(grad_y), k, stride, padding, *needs
+    )
+    if needs[0]:
+        grad_x = grad_x.permute(0, 3, 1, 2)
+    if needs[1]:
+        grad_w = grad_w.view(k, k, in_channels, out_channels).permute(3, 2, 0, 1)
+    return (grad_x if needs[0] else None), (grad_w if needs[1] else None), (grad_sim if needs[2] else None)

@@ -1,0 +1,267 @@
+// Fused CPU kernels of the tap-modulated convolution (fewshot_nsl/nsl/fused.py).
+//
+//   y[b,p,o] = sum_{t,c} a[b,p,t*C+c] w[t*C+c,o],
+//   a[b,p,t*C+c] = sum_j m[b,p,t,j] x[b,p*s+d_j,c]   (full form; diagonal: m[b,p,t] x[b,p*s+d_t,c])
+//
+// Why a kernel of our own: a plain convolution never materialises its
+// patches, and the modulated one must (every patch row is scaled per output
+// position), so in PyTorch ops the patch matrix goes to memory and comes back
+// (benchmarks/nsl_layer_overhead.py). Here the modulated patches of a block of
+// a few output positions are built in cache and consumed at once by a
+// register-blocked GEMM micro-kernel, as a convolution library would do with
+// its own im2col tiles. The micro-kernel uses GCC vector extensions, so the
+// compiler emits AVX-512 (or AVX2, or SSE) for the machine it builds on.
+//
+// Tensors are float32, contiguous: x is the input NHWC (B, H, W, C), read as
+// if zero-padded by `padding` (no padded copy is made); m is tap-last (B, Ho, Wo, T) or (B, Ho, Wo, T, T); the kernel
+// is tap-major (T*C, O) and its transpose (O, T*C) with zero columns up to a
+// multiple of 16; y and dy are NHWC (B, Ho, Wo, O). O must be a multiple of
+// 16 (checked in fused.py).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+typedef float vf __attribute__((vector_size(64), aligned(4)));
+constexpr long kLanes = 16;
+constexpr int kRows = 6;             // output rows of the micro-kernel's register tile
+constexpr int kVectors = 4;          // output vectors (x16 columns) of that tile
+constexpr long kDepthBlock = 128;    // GEMM depth per pass: 128 x 64 floats of B stay in L1
+constexpr long kPositionBlock = 24;  // output positions whose patches are built at once (forward)
+// Backward: more positions per block, so that the weight gradient's partial
+// sums (T*C x O, in L2) are loaded and stored once per more GEMM work.
+constexpr long kBackwardPositionBlock = 96;
+
+inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof(vf)); return v; }
+inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(vf)); }
+
+// Y[MR x NV*16] (+)= A[MR x K] B[K x NV*16]; A's element (i, k) at A[i*sa + k*sk].
+template <int MR, int NV>
+void micro(const float* A, long sa, long sk, const float* B, long ldb, long K, float* Y, long ldy, bool accumulate) {
+  vf acc[MR][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) acc[i][j] = accumulate ? load(Y + i * ldy + j * kLanes) : vf{};
+  for (long k = 0; k < K; ++k) {
+    vf b[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) b[j] = load(B + k * ldb + j * kLanes);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const float a = A[i * sa + k * sk];
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) acc[i][j] += a * b[j];
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) store(Y + i * ldy + j * kLanes, acc[i][j]);
+}
+
+template <int NV>
+void micro_rows(int rows, const float* A, long sa, long sk, const float* B, long ldb, long K, float* Y, long ldy, bool acc) {
+  switch (rows) {
+    case 6: micro<6, NV>(A, sa, sk, B, ldb, K, Y, ldy, acc); break;
+    case 5: micro<5, NV>(A, sa, sk, B, ldb, K, Y, ldy, acc); break;
+    case 4: micro<4, NV>(A, sa, sk, B, ldb, K, Y, ldy, acc); break;
+    case 3: micro<3, NV>(A, sa, sk, B, ldb, K, Y, ldy, acc); break;
+    case 2: micro<2, NV>(A, sa, sk, B, ldb, K, Y, ldy, acc); break;
+    default: micro<1, NV>(A, sa, sk, B, ldb, K, Y, ldy, acc); break;
+  }
+}
+
+// Y[M x N] (+)= A[M x K] B[K x N], N a multiple of 16, blocked over K so that
+// the slice of B in use stays in L1 while every row tile of A passes it.
+void gemm(long M, long N, long K, const float* A, long sa, long sk, const float* B, long ldb, float* Y, long ldy,
+          bool accumulate) {
+  for (long k0 = 0; k0 < K; k0 += kDepthBlock) {
+    const long depth = std::min(kDepthBlock, K - k0);
+    const bool acc = accumulate || k0 > 0;
+    for (long n0 = 0; n0 < N; n0 += kVectors * kLanes) {
+      const int nv = static_cast<int>(std::min<long>(kVectors, (N - n0) / kLanes));
+      for (long m0 = 0; m0 < M; m0 += kRows) {
+        const int rows = static_cast<int>(std::min<long>(kRows, M - m0));
+        const float* a = A + m0 * sa + k0 * sk;
+        const float* b = B + k0 * ldb + n0;
+        float* y = Y + m0 * ldy + n0;
+        switch (nv) {
+          case 4: micro_rows<4>(rows, a, sa, sk, b, ldb, depth, y, ldy, acc); break;
+          case 3: micro_rows<3>(rows, a, sa, sk, b, ldb, depth, y, ldy, acc); break;
+          case 2: micro_rows<2>(rows, a, sa, sk, b, ldb, depth, y, ldy, acc); break;
+          default: micro_rows<1>(rows, a, sa, sk, b, ldb, depth, y, ldy, acc); break;
+        }
+      }
+    }
+  }
+}
+
+// Geometry shared by the kernels, and the patch-row arithmetic.
+struct Geometry {
+  long batch, in_h, in_w, channels, out_h, out_w, k, stride, padding, taps, out_channels;
+  bool full;
+  long positions() const { return out_h * out_w; }
+  long depth() const { return taps * channels; }
+  long sim_size() const { return full ? taps * taps : taps; }
+  // Offset in x of tap t's input row for output position q (over the whole
+  // batch, b * Ho * Wo + p); -1 in the zero padding.
+  long source(long q, long t) const {
+    const long b = q / positions(), p = q % positions();
+    const long ih = (p / out_w) * stride + t / k - padding, iw = (p % out_w) * stride + t % k - padding;
+    if (ih < 0 || ih >= in_h || iw < 0 || iw >= in_w) return -1;
+    return ((b * in_h + ih) * in_w + iw) * channels;
+  }
+};
+
+Geometry geometry(const torch::Tensor& x, const torch::Tensor& m, long k, long stride, long padding,
+                  long out_channels) {
+  return Geometry{x.size(0), x.size(1), x.size(2), x.size(3), m.size(1), m.size(2), k, stride, padding, k * k,
+                  out_channels, m.dim() == 5};
+}
+
+// Modulated patch rows of output positions [q0, q0 + count) into A (count x T*C).
+void build_patches(const Geometry& g, const float* x, const float* m, long q0, long count, float* A) {
+  const long C = g.channels, T = g.taps;
+  for (long i = 0; i < count; ++i) {
+    const long q = q0 + i;
+    const float* mp = m + q * g.sim_size();
+    float* row = A + i * g.depth();
+    for (long t = 0; t < T; ++t) {
+      float* out = row + t * C;
+      if (!g.full) {
+        const long src = g.source(q, t);
+        const float gain = mp[t];
+        if (src < 0) std::fill(out, out + C, 0.f);
+        else for (long c = 0; c < C; ++c) out[c] = gain * x[src + c];
+        continue;
+      }
+      std::fill(out, out + C, 0.f);
+      for (long j = 0; j < T; ++j) {
+        const long offset = g.source(q, j);
+        if (offset < 0) continue;
+        const float* src = x + offset;
+        const float gain = mp[t * T + j];
+        for (long c = 0; c < C; ++c) out[c] += gain * src[c];
+      }
+    }
+  }
+}
+
+// Returns sum_c g[c] x[c] (the similarity gradient) and adds gain * g to dx.
+float dot_and_scatter(const float* g, const float* x, float gain, float* dx, long n, bool need_dot, bool need_dx) {
+  float s = 0.f;
+  if (need_dot && need_dx) {
+#pragma omp simd reduction(+ : s)
+    for (long c = 0; c < n; ++c) {
+      s += g[c] * x[c];
+      dx[c] += gain * g[c];
+    }
+  } else if (need_dot) {
+#pragma omp simd reduction(+ : s)
+    for (long c = 0; c < n; ++c) s += g[c] * x[c];
+  } else {
+    for (long c = 0; c < n; ++c) dx[c] += gain * g[c];
+  }
+  return s;
+}
+
+}  // namespace
+
+torch::Tensor tap_modulated_forward(torch::Tensor x, torch::Tensor m, torch::Tensor w, int64_t k, int64_t stride,
+                                    int64_t padding) {
+  const Geometry g = geometry(x, m, k, stride, padding, w.size(1));
+  auto y = torch::empty({g.batch, g.out_h, g.out_w, g.out_channels}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* mp = m.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  // Blocks run over the whole batch's positions, so no block is a thin remainder of a sample.
+  const long total = g.batch * g.positions(), blocks = (total + kPositionBlock - 1) / kPositionBlock;
+  at::parallel_for(0, blocks, 1, [&](long begin, long end) {
+    std::vector<float> patches(kPositionBlock * g.depth());
+    for (long block = begin; block < end; ++block) {
+      const long q0 = block * kPositionBlock, count = std::min(kPositionBlock, total - q0);
+      build_patches(g, xp, mp, q0, count, patches.data());
+      gemm(count, g.out_channels, g.depth(), patches.data(), g.depth(), 1, wp, g.out_channels,
+           yp + q0 * g.out_channels, g.out_channels, false);
+    }
+  });
+  return y;
+}
+
+// Gradients of tap_modulated_forward given dy. The patch-space gradient
+// G = dy w^T (per position, T*C values) is formed once per block and feeds
+// both the input gradient (scattered back through the taps, times m) and the
+// similarity gradient (its dot with the input rows), as in the PyTorch path.
+// Work is split by whole samples, so each sample's input gradient has one
+// writer, and the weight gradient is summed from one partial per split in a
+// fixed order: the result does not depend on scheduling.
+std::vector<torch::Tensor> tap_modulated_backward(torch::Tensor x, torch::Tensor m, torch::Tensor w,
+                                                  torch::Tensor w_t, torch::Tensor dy, int64_t k, int64_t stride,
+                                                  int64_t padding, bool need_x, bool need_w, bool need_m) {
+  const Geometry g = geometry(x, m, k, stride, padding, w.size(1));
+  const long C = g.channels, T = g.taps, D = g.depth(), O = g.out_channels;
+  const long D_padded = w_t.size(1);  // D rounded up to whole vectors: G's row stride
+  const long splits = std::max<long>(1, std::min<long>(at::get_num_threads(), g.batch));
+  auto grad_x = need_x ? torch::zeros_like(x) : torch::Tensor();
+  auto grad_m = need_m ? torch::empty_like(m) : torch::Tensor();
+  auto grad_w_parts = need_w ? torch::zeros({splits, D, O}, w.options()) : torch::Tensor();
+  const float* xp = x.data_ptr<float>();
+  const float* mp = m.data_ptr<float>();
+  const float* wtp = w_t.data_ptr<float>();
+  const float* dyp = dy.data_ptr<float>();
+  float* gxp = need_x ? grad_x.data_ptr<float>() : nullptr;
+  float* gmp = need_m ? grad_m.data_ptr<float>() : nullptr;
+  float* gwp = need_w ? grad_w_parts.data_ptr<float>() : nullptr;
+  at::parallel_for(0, splits, 1, [&](long begin, long end) {
+    std::vector<float> patches(kBackwardPositionBlock * D), patch_grad(kBackwardPositionBlock * D_padded);
+    for (long split = begin; split < end; ++split) {
+      const long first = split * g.batch / splits * g.positions();
+      const long last = (split + 1) * g.batch / splits * g.positions();
+      for (long q0 = first; q0 < last; q0 += kBackwardPositionBlock) {
+        const long count = std::min(kBackwardPositionBlock, last - q0);
+        const float* dyb = dyp + q0 * O;
+        if (need_w) {
+          build_patches(g, xp, mp, q0, count, patches.data());
+          // grad_w[d, o] += sum_p patches[p, d] dy[p, o]: the patches read transposed.
+          gemm(D, O, count, patches.data(), 1, D, dyb, O, gwp + split * D * O, O, true);
+        }
+        if (!(need_x || need_m)) continue;
+        gemm(count, D_padded, O, dyb, O, 1, wtp, D_padded, patch_grad.data(), D_padded, false);
+        for (long i = 0; i < count; ++i) {
+          const long q = q0 + i;
+          const float* mrow = mp + q * g.sim_size();
+          float* gmrow = need_m ? gmp + q * g.sim_size() : nullptr;
+          const float* grow = patch_grad.data() + i * D_padded;
+          for (long t = 0; t < T; ++t) {
+            const float* gt = grow + t * C;
+            // Diagonal: tap t reads input row t only; full: every row j, through M[t, j].
+            const long j_first = g.full ? 0 : t, j_last = g.full ? T : t + 1;
+            for (long j = j_first; j < j_last; ++j) {
+              const long src = g.source(q, j), entry = g.full ? t * T + j : t;
+              const float value = src < 0 ? 0.f
+                  : dot_and_scatter(gt, xp + src, mrow[entry], need_x ? gxp + src : nullptr, C, need_m, need_x);
+              if (need_m) gmrow[entry] = value;
+            }
+          }
+        }
+      }
+    }
+  });
+  torch::Tensor grad_w;
+  if (need_w) {
+    grad_w = grad_w_parts[0];
+    for (long s = 1; s < splits; ++s) grad_w = grad_w + grad_w_parts[s];
+  }
+  return {grad_x, grad_w, grad_m};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("forward", &tap_modulated_forward, "tap-modulated convolution, fused (CPU, float32)");
+  module.def("backward", &tap_modulated_backward, "its input, weight and similarity gradients");
+}

@@ -1,0 +1,128 @@
+"""The compiled tap-modulated convolution (fewshot_nsl.nsl.fused): it builds
+here, and its forward and all three gradients agree with a float64 reference
+written from the definition, on every geometry and tile remainder."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import vmap
+
+from fewshot_nsl.nsl import DynamicNSLConv2d, fused
+from fewshot_nsl.nsl.dynamic import _TapModulatedConv
+
+
+def reference(x: torch.Tensor, weight: torch.Tensor, sim: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
+    """``y[b,o,p] = sum_{c,i,j} w[o,c,i] M[b,p,i,j] x[b,c,p*s+d_j]`` by einsum over unfolded
+    patches; ``sim`` tap-last, (B, Ho, Wo, T) diagonal or (B, Ho, Wo, T, T) full."""
+    batch, channels = x.shape[:2]
+    out_channels, _, k, _ = weight.shape
+    out_h, out_w = sim.shape[1], sim.shape[2]
+    patches = F.unfold(x, k, padding=padding, stride=stride).view(batch, channels, k * k, out_h, out_w)
+    matrix = torch.diag_embed(sim) if sim.dim() == 4 else sim
+    return torch.einsum("oci,bhwij,bcjhw->bohw", weight.reshape(out_channels, channels, k * k), matrix, patches)
+
+
+def tap_last_similarity(generator: torch.Generator, batch: int, out_h: int, out_w: int, full: bool) -> torch.Tensor:
+    shape = (batch, out_h, out_w, 9, 9) if full else (batch, out_h, out_w, 9)
+    return 1.0 + 0.5 * torch.randn(shape, generator=generator)
+
+
+def test_kernels_build_on_this_machine():
+    """CI has a compiler: the kernels must build there, not silently fall back."""
+    if os.environ.get(fused.SWITCH_VARIABLE) == "0":
+        assert fused.extension() is None
+    else:
+        assert fused.extension() is not None
+
+
+# (batch, in, out, height, width): tile remainders in rows (positions not a multiple
+# of 6 or 24) and in columns (48 = three vectors of 16, 16 = one).
+# Image stems: 1 and 3 input channels (k*k*C = 9, 27: G's rows padded to whole vectors).
+SHAPES = [(2, 16, 16, 5, 7), (3, 32, 48, 9, 8), (1, 64, 64, 6, 6), (5, 16, 32, 4, 11), (2, 1, 16, 7, 6), (3, 3, 32, 6, 5)]
+
+
+@pytest.mark.parametrize("full", [False, True])
+@pytest.mark.parametrize("stride,padding", [(1, 1), (1, 0), (2, 1), (2, 0)])
+@pytest.mark.parametrize("batch,channels,out_channels,height,width", SHAPES)
+def test_fused_matches_float64_reference(full, stride, padding, batch, channels, out_channels, height, width):
+    generator = torch.Generator().manual_seed(batch * 100 + channels + stride + padding)
+    x = torch.randn(batch, channels, height, width, generator=generator)
+    weight = torch.randn(out_channels, channels, 3, 3, generator=generator) / (3 * channels**0.5)
+    out_h, out_w = (height + 2 * padding - 3) // stride + 1, (width + 2 * padding - 3) // stride + 1
+    sim = tap_last_similarity(generator, batch, out_h, out_w, full)
+    assert fused.applies(x, weight, sim)
+    inputs = [t.clone().requires_grad_() for t in (x, weight, sim)]
+    y = _TapModulatedConv.apply(*inputs, stride, padding, False, 1 << 20, True)
+    upstream = torch.randn(y.shape, generator=generator)
+    grads = torch.autograd.grad(y, inputs, upstream)
+    exact = [t.double().requires_grad_() for t in (x, weight, sim)]
+    y_exact = reference(*exact, stride, padding)
+    grads_exact = torch.autograd.grad(y_exact, exact, upstream.double())
+    for got, want in zip((y, *grads), (y_exact, *grads_exact)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_fused_is_deterministic_and_independent_of_thread_count():
+    """The weight gradient sums per-thread partials in a fixed order; one thread gives the same up to rounding."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 32, 8, 8, generator=generator)
+    weight = torch.randn(32, 32, 3, 3, generator=generator)
+    sim = tap_last_similarity(generator, 7, 8, 8, False)
+    upstream = torch.randn(7, 32, 8, 8, generator=generator)
+
+    def run() -> list[torch.Tensor]:
+        inputs = [t.clone().requires_grad_() for t in (x, weight, sim)]
+        y = _TapModulatedConv.apply(*inputs, 1, 1, False, 1 << 20, True)
+        return [y.detach(), *torch.autograd.grad(y, inputs, upstream)]
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        first, second = run(), run()
+        torch.set_num_threads(1)
+        single = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, c in zip(first, second, single):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-4)
+
+
+def test_applies_only_where_the_kernels_can_run():
+    x, weight, sim = torch.randn(2, 16, 5, 5), torch.randn(16, 16, 3, 3), torch.rand(2, 5, 5, 9)
+    assert fused.applies(x, weight, sim)
+    assert not fused.applies(x.double(), weight.double(), sim.double())  # float32 only
+    assert not fused.applies(x, torch.randn(12, 16, 3, 3), sim)  # output channels in whole vectors of 16
+    seen: list[bool] = []
+
+    def probe(x_task: torch.Tensor) -> torch.Tensor:
+        seen.append(fused.applies(x_task, weight, sim[0]))
+        return x_task.sum()
+
+    vmap(probe)(x.unsqueeze(1))
+    assert seen == [False]  # vmap's batched tensors take the PyTorch path
+
+
+@pytest.mark.parametrize("form", ["diagonal", "full"])
+def test_fused_layer_double_backward_and_vmap_match_patch_path(form):
+    """Double backward and vmap leave the kernels for the PyTorch path; the layer's
+    results still match the pure patch path at float32 rounding."""
+    torch.manual_seed(4)
+    layers = {path: DynamicNSLConv2d(16, 16, form=form, hidden=4, path=path) for path in ("fused", "patches")}
+    layers["fused"].load_state_dict(layers["patches"].state_dict())
+    for layer in layers.values():
+        with torch.no_grad():
+            layer.meta_out.weight.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(5))
+    x = torch.randn(3, 16, 6, 6)
+    second_order = {}
+    for path, layer in layers.items():
+        xg = x.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(layer(xg).square().sum(), xg, create_graph=True)
+        second_order[path] = torch.autograd.grad(gx.square().sum(), layer.weight)[0]
+    torch.testing.assert_close(second_order["fused"], second_order["patches"], rtol=1e-4, atol=1e-4)
+    batched = vmap(layers["fused"].eval())(x.view(3, 1, 16, 6, 6))
+    torch.testing.assert_close(batched.squeeze(1), layers["patches"].eval()(x), rtol=1e-5, atol=1e-5)
