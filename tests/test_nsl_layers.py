@@ -305,7 +305,8 @@ def test_default_paths_and_their_pytorch_fallbacks():
     few, many = dynamic_module.PLANES_MAX_CHANNELS, dynamic_module.PLANES_MAX_CHANNELS + 1
     assert DynamicNSLConv2d(few, 4, hidden=3).pytorch_path == "planes" and not ran_patch_path(DynamicNSLConv2d(few, 4, hidden=3))
     assert DynamicNSLConv2d(many, 4, hidden=3).pytorch_path == "patches" and ran_patch_path(DynamicNSLConv2d(many, 4, hidden=3))
-    assert DynamicNSLConv2d(1, 4, hidden=3, form="full").path == "fused"
+    assert DynamicNSLConv2d(few, 16, hidden=3, form="full").path == "patches"  # a full-form stem
+    assert DynamicNSLConv2d(many, 16, hidden=3, form="full").path == "fused"
     assert ran_patch_path(DynamicNSLConv2d(1, 4, hidden=3, form="full"))
     assert ran_patch_path(DynamicNSLConv2d(1, 4, hidden=3, path="patches"))
     with pytest.raises(ValueError, match="'planes' for the diagonal form only"):

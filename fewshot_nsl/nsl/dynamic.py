@@ -229,9 +229,11 @@ def _planes_modulated_conv(
 # when it computes in PyTorch (benchmarks/nsl_layer_overhead.py: 2-4x faster than the chunked
 # path on 1- and 3-channel stems).
 PLANES_MAX_CHANNELS = 4
-# Input channels from which the fused kernels are the default. A single-channel stem
-# stays on the planes path, which trained it faster there (benchmarks/nsl_layer_overhead.py):
-# with one channel the kernels' per-tap work is all loop overhead.
+# Input channels from which the fused kernels are the default for the diagonal form.
+# A single-channel stem stays on the planes path, which trained it faster
+# (benchmarks/nsl_layer_overhead.py): with one channel the kernels' per-tap work is
+# all loop overhead. Full-form layers with at most PLANES_MAX_CHANNELS input channels
+# stay on the patch path, which ran those stems faster too.
 FUSED_MIN_CHANNELS = 2
 
 
@@ -253,8 +255,10 @@ class DynamicNSLConv2d(NSLConvBase):
     ``"patches"`` (PyTorch ops), or ``"fused"``: the compiled CPU kernels of
     :mod:`fewshot_nsl.nsl.fused` for the calls they serve, and for the rest
     (double backward, ``torch.func`` transforms, float64, GPUs, no compiler)
-    :attr:`pytorch_path`. By default fused, except planes for single-channel
-    diagonal layers (``FUSED_MIN_CHANNELS``). ``chunk_elements`` bounds the patch path's working set on CPU
+    :attr:`pytorch_path`. By default fused, except on image stems where the
+    PyTorch path was measured faster: single-channel diagonal layers
+    (``FUSED_MIN_CHANNELS``) and full-form layers with at most
+    ``PLANES_MAX_CHANNELS`` input channels. ``chunk_elements`` bounds the patch path's working set on CPU
     (see ``CPU_CHUNK_ELEMENTS``).
     """
 
@@ -275,11 +279,9 @@ class DynamicNSLConv2d(NSLConvBase):
     ):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias, form)
         self.hidden = require_int("hidden", hidden, 1)
-        if path is None:
-            path = "planes" if form == "diagonal" and in_channels < FUSED_MIN_CHANNELS else "fused"
-        if path not in PATHS or (path == "planes" and form != "diagonal"):
+        if path not in (None, *PATHS) or (path == "planes" and form != "diagonal"):
             raise ValueError(f"path must be one of {PATHS} ('planes' for the diagonal form only), got {path!r}")
-        self.path = path
+        self.path = path or self._default_path()
         self.chunk_elements = require_int("chunk_elements", chunk_elements, 1)
         taps = self.taps
         self.meta_conv = nn.Conv2d(in_channels, hidden, kernel_size, stride, padding, bias=False)
@@ -330,6 +332,12 @@ class DynamicNSLConv2d(NSLConvBase):
         if self.bias is not None:
             y = y + self.bias.view(1, -1, 1, 1)
         return y
+
+    def _default_path(self) -> str:
+        few_channels = self.in_channels <= PLANES_MAX_CHANNELS
+        if (self.form == "full" and few_channels) or self.in_channels < FUSED_MIN_CHANNELS:
+            return self.pytorch_path
+        return "fused"
 
     @property
     def pytorch_path(self) -> str:

@@ -108,13 +108,17 @@ struct Geometry {
   long positions() const { return out_h * out_w; }
   long depth() const { return taps * channels; }
   long sim_size() const { return full ? taps * taps : taps; }
-  // Offset in x of tap t's input row for output position q (over the whole
-  // batch, b * Ho * Wo + p); -1 in the zero padding.
-  long source(long q, long t) const {
+  // Offsets in x of every tap's input row for output position q (over the
+  // whole batch, b * Ho * Wo + p), -1 in the zero padding: one set of
+  // divisions per position, not per tap.
+  void sources(long q, long* offsets) const {
     const long b = q / positions(), p = q % positions();
-    const long ih = (p / out_w) * stride + t / k - padding, iw = (p % out_w) * stride + t % k - padding;
-    if (ih < 0 || ih >= in_h || iw < 0 || iw >= in_w) return -1;
-    return ((b * in_h + ih) * in_w + iw) * channels;
+    const long top = (p / out_w) * stride - padding, left = (p % out_w) * stride - padding;
+    for (long t = 0; t < taps; ++t) {
+      const long ih = top + t / k, iw = left + t % k;
+      const bool inside = ih >= 0 && ih < in_h && iw >= 0 && iw < in_w;
+      offsets[t] = inside ? ((b * in_h + ih) * in_w + iw) * channels : -1;
+    }
   }
 };
 
@@ -127,14 +131,16 @@ Geometry geometry(const torch::Tensor& x, const torch::Tensor& m, long k, long s
 // Modulated patch rows of output positions [q0, q0 + count) into A (count x T*C).
 void build_patches(const Geometry& g, const float* x, const float* m, long q0, long count, float* A) {
   const long C = g.channels, T = g.taps;
+  std::vector<long> offsets(T);
   for (long i = 0; i < count; ++i) {
     const long q = q0 + i;
+    g.sources(q, offsets.data());
     const float* mp = m + q * g.sim_size();
     float* row = A + i * g.depth();
     for (long t = 0; t < T; ++t) {
       float* out = row + t * C;
       if (!g.full) {
-        const long src = g.source(q, t);
+        const long src = offsets[t];
         const float gain = mp[t];
         if (src < 0) std::fill(out, out + C, 0.f);
         else for (long c = 0; c < C; ++c) out[c] = gain * x[src + c];
@@ -142,7 +148,7 @@ void build_patches(const Geometry& g, const float* x, const float* m, long q0, l
       }
       std::fill(out, out + C, 0.f);
       for (long j = 0; j < T; ++j) {
-        const long offset = g.source(q, j);
+        const long offset = offsets[j];
         if (offset < 0) continue;
         const float* src = x + offset;
         const float gain = mp[t * T + j];
@@ -220,6 +226,7 @@ std::vector<torch::Tensor> tap_modulated_backward(torch::Tensor x, torch::Tensor
   float* gwp = need_w ? grad_w_parts.data_ptr<float>() : nullptr;
   at::parallel_for(0, splits, 1, [&](long begin, long end) {
     std::vector<float> patches(kBackwardPositionBlock * D), patch_grad(kBackwardPositionBlock * D_padded);
+    std::vector<long> offsets(T);
     for (long split = begin; split < end; ++split) {
       const long first = split * g.batch / splits * g.positions();
       const long last = (split + 1) * g.batch / splits * g.positions();
@@ -238,12 +245,13 @@ std::vector<torch::Tensor> tap_modulated_backward(torch::Tensor x, torch::Tensor
           const float* mrow = mp + q * g.sim_size();
           float* gmrow = need_m ? gmp + q * g.sim_size() : nullptr;
           const float* grow = patch_grad.data() + i * D_padded;
+          g.sources(q, offsets.data());
           for (long t = 0; t < T; ++t) {
             const float* gt = grow + t * C;
             // Diagonal: tap t reads input row t only; full: every row j, through M[t, j].
             const long j_first = g.full ? 0 : t, j_last = g.full ? T : t + 1;
             for (long j = j_first; j < j_last; ++j) {
-              const long src = g.source(q, j), entry = g.full ? t * T + j : t;
+              const long src = offsets[j], entry = g.full ? t * T + j : t;
               const float value = src < 0 ? 0.f
                   : dot_and_scatter(gt, xp + src, mrow[entry], need_x ? gxp + src : nullptr, C, need_m, need_x);
               if (need_m) gmrow[entry] = value;
