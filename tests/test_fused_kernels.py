@@ -5,6 +5,8 @@ written from the definition, on every geometry and tile remainder."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -126,3 +128,29 @@ def test_fused_layer_double_backward_and_vmap_match_patch_path(form):
     torch.testing.assert_close(second_order["fused"], second_order["patches"], rtol=1e-4, atol=1e-4)
     batched = vmap(layers["fused"].eval())(x.view(3, 1, 16, 6, 6))
     torch.testing.assert_close(batched.squeeze(1), layers["patches"].eval()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_failed_build_warns_once_and_falls_back_to_pytorch(tmp_path):
+    """No working compiler: one warning, and the layer computes the same function in PyTorch."""
+    script = (
+        "import warnings, torch\n"
+        "from fewshot_nsl.nsl import DynamicNSLConv2d, fused\n"
+        "torch.manual_seed(0)\n"
+        "layer = DynamicNSLConv2d(16, 16, hidden=4)\n"
+        "x = torch.randn(2, 16, 5, 5)\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    y = layer(x)\n"
+        "    layer(x)\n"
+        "assert fused.extension() is None\n"
+        "messages = [str(w.message) for w in caught if 'did not build' in str(w.message)]\n"
+        "assert len(messages) == 1, messages\n"
+        "layer.path = 'patches'\n"
+        "assert torch.equal(y, layer(x))\n"
+        "print('fell back')\n"
+    )
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    env.pop(fused.SWITCH_VARIABLE, None)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "fell back" in done.stdout

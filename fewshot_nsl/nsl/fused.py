@@ -51,7 +51,8 @@ def extension() -> ModuleType | None:
                 extra_ldflags=["-fopenmp"],
             )
     except (OSError, RuntimeError, ImportError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        # The first line without the compiler command line torch appends after ": [".
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0].split(": [")[0]
         warnings.warn(
             f"fused dynamic NSL kernels did not build ({first_line}); dynamic NSL runs its slower PyTorch path. "
             f"Install a C++ compiler with OpenMP (e.g. g++), or set {SWITCH_VARIABLE}=0 to silence this.",
