@@ -214,7 +214,10 @@ std::vector<torch::Tensor> tap_modulated_backward(torch::Tensor x, torch::Tensor
   const long C = g.channels, T = g.taps, D = g.depth(), O = g.out_channels;
   const long D_padded = w_t.size(1);  // D rounded up to whole vectors: G's row stride
   const long splits = std::max<long>(1, std::min<long>(at::get_num_threads(), g.batch));
-  auto grad_x = need_x ? torch::zeros_like(x) : torch::Tensor();
+  // Zeroed sample by sample just before its first scatter, while it is cached,
+  // instead of in a separate pass over the whole tensor.
+  auto grad_x = need_x ? torch::empty_like(x) : torch::Tensor();
+  const long sample_size = g.in_h * g.in_w * C;
   auto grad_m = need_m ? torch::empty_like(m) : torch::Tensor();
   auto grad_w_parts = need_w ? torch::zeros({splits, D, O}, w.options()) : torch::Tensor();
   const float* xp = x.data_ptr<float>();
@@ -230,6 +233,7 @@ std::vector<torch::Tensor> tap_modulated_backward(torch::Tensor x, torch::Tensor
     for (long split = begin; split < end; ++split) {
       const long first = split * g.batch / splits * g.positions();
       const long last = (split + 1) * g.batch / splits * g.positions();
+      long unzeroed = split * g.batch / splits;  // first sample of this split not yet zeroed
       for (long q0 = first; q0 < last; q0 += kBackwardPositionBlock) {
         const long count = std::min(kBackwardPositionBlock, last - q0);
         const float* dyb = dyp + q0 * O;
@@ -239,6 +243,9 @@ std::vector<torch::Tensor> tap_modulated_backward(torch::Tensor x, torch::Tensor
           gemm(D, O, count, patches.data(), 1, D, dyb, O, gwp + split * D * O, O, true);
         }
         if (!(need_x || need_m)) continue;
+        for (; need_x && unzeroed <= (q0 + count - 1) / g.positions(); ++unzeroed) {
+          std::fill(gxp + unzeroed * sample_size, gxp + (unzeroed + 1) * sample_size, 0.f);
+        }
         gemm(count, D_padded, O, dyb, O, 1, wtp, D_padded, patch_grad.data(), D_padded, false);
         for (long i = 0; i < count; ++i) {
           const long q = q0 + i;
