@@ -367,6 +367,24 @@ def test_second_derivatives_finite_at_zero_pixels():
     assert all(torch.isfinite(s).all() for s in second)
 
 
+def test_channel_squares_match_autograd_of_the_sum_of_squares():
+    """The patch energy's own Function: value, gradient and second derivative against
+    autograd of ``(x * x).sum(1)`` on a channels_last input, zero pixels included."""
+    generator = torch.Generator().manual_seed(15)
+    x = torch.randn(2, 5, 4, 3, dtype=torch.float64, generator=generator).to(memory_format=torch.channels_last)
+    x[:, :, 0, 0] = 0.0
+    upstream = torch.randn(2, 1, 4, 3, dtype=torch.float64, generator=generator)
+    results = []
+    for squares in (dynamic_module._ChannelSquares.apply, lambda t: (t * t).sum(1, keepdim=True)):
+        leaf = x.clone().requires_grad_()
+        value = squares(leaf)
+        (first,) = torch.autograd.grad(value, leaf, upstream, create_graph=True)
+        (second,) = torch.autograd.grad(first.square().sum(), leaf)
+        results.append((value, first, second))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("form", FORMS)
 def test_fresh_dynamic_layer_is_nearly_the_convolution(form):
     torch.manual_seed(9)
