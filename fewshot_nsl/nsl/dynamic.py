@@ -352,7 +352,9 @@ class DynamicNSLConv2d(NSLConvBase):
         first convolution's kernel and the rest into one fused multiply-add with
         the patch norm, and the ``+ 1`` (``+ I``) into the output convolution's
         bias: three fewer passes over the hidden activation, which on image stems
-        is the largest tensor of the layer (benchmarks/nsl_overhead.py, evaluation).
+        is the largest tensor of the layer. Its effect on evaluation time is within
+        the run-to-run spread of benchmarks/nsl_overhead.py; no committed benchmark
+        isolates it.
         """
         bn = self.meta_bn
         scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
