@@ -3,7 +3,7 @@
 ``kernels/tap_modulated_conv.cpp`` builds each block of modulated patches in
 cache and multiplies it at once (see its header for why). It is compiled by
 ``torch.utils.cpp_extension`` the first time a dynamic NSL layer runs on CPU
-(about 20 s once; the build is cached under ``TORCH_EXTENSIONS_DIR``, by
+(once; the build is cached under ``TORCH_EXTENSIONS_DIR``, by
 default ``~/.cache/torch_extensions``). It needs a C++ compiler with OpenMP
 (``ninja`` comes with the package's dependencies); where the build fails the layers run their PyTorch path and one
 warning says why. ``FEWSHOT_NSL_FUSED=0`` turns the kernels off.
