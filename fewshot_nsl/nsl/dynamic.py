@@ -333,37 +333,12 @@ class DynamicNSLConv2d(NSLConvBase):
         # Patch energy: a 1-channel box sum of sum_c x**2 (see _ChannelSquares).
         squares = _ChannelSquares.apply(x)
         energy = F.conv2d(squares, self.energy_kernel, None, self.stride, self.padding)
-        inverse_norm = torch.rsqrt(energy + self.energy_eps)
-        eye = torch.eye(self.taps, dtype=x.dtype, device=x.device)
-        if self.meta_bn.training or self.meta_bn.running_mean is None:
-            h = self.meta_conv(x) * inverse_norm
-            g = self.meta_out(F.relu(self.meta_bn(h), inplace=True))
-            if self.form == "diagonal":
-                return g + 1.0
-            return g.unflatten(1, (self.taps, self.taps)) + eye[:, :, None, None]
-        return self._similarity_with_running_statistics(x, inverse_norm, eye)
-
-    def _similarity_with_running_statistics(
-        self, x: torch.Tensor, inverse_norm: torch.Tensor, eye: torch.Tensor
-    ) -> torch.Tensor:
-        """The same function when BatchNorm uses its running statistics (evaluation).
-
-        There BatchNorm is a per-channel affine map, so its scale folds into the
-        first convolution's kernel and the rest into one fused multiply-add with
-        the patch norm, and the ``+ 1`` (``+ I``) into the output convolution's
-        bias: three fewer passes over the hidden activation, which on image stems
-        is the largest tensor of the layer. Its effect on evaluation time is within
-        the run-to-run spread of benchmarks/nsl_overhead.py; no committed benchmark
-        isolates it.
-        """
-        bn = self.meta_bn
-        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-        shift = bn.bias - bn.running_mean * scale
-        h = F.conv2d(x, self.meta_conv.weight * scale[:, None, None, None], None, self.stride, self.padding)
-        hidden = torch.addcmul(shift[None, :, None, None], h, inverse_norm).relu_()
-        identity = 1.0 if self.form == "diagonal" else eye.flatten()
-        g = F.conv2d(hidden, self.meta_out.weight, self.meta_out.bias + identity, 1, 1)
-        return g if self.form == "diagonal" else g.unflatten(1, (self.taps, self.taps))
+        h = self.meta_conv(x) * torch.rsqrt(energy + self.energy_eps)
+        g = self.meta_out(F.relu(self.meta_bn(h), inplace=True))
+        if self.form == "diagonal":
+            return g + 1.0
+        eye = torch.eye(self.taps, dtype=g.dtype, device=g.device)
+        return g.unflatten(1, (self.taps, self.taps)) + eye[:, :, None, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         nhwc_out = is_channels_last(x)
