@@ -28,7 +28,7 @@ rounds and medians compared. The FLOP ratios are the per-layer formulas of
 ``nsl_overhead.py``: training (forward + backward with input, weight and
 similarity gradients) and forward, the floors for what is timed.
 
-    python benchmarks/nsl_layer_overhead.py     # about four minutes on 2 cores
+    python benchmarks/nsl_layer_overhead.py     # about six minutes on 2 cores
 """
 
 from __future__ import annotations

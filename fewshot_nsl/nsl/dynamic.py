@@ -94,14 +94,13 @@ def _as_planes(rows: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
 class _ChannelSquares(torch.autograd.Function):
     """``sum_c x[b,c,h,w]**2`` as (B, 1, H, W), for a channels_last ``x``.
 
-    Why a Function: the forward takes the fastest reduction, ``vector_norm``
-    squared (one pass, 2-3x faster than ``vecdot(x, x)``, which materialises
-    ``x * x``), whose own autograd would have NaN second derivatives at
-    all-zero pixels (MAML); the backward is the polynomial's, ``2 x g``, as a
-    single product in ``x``'s NHWC memory, where autograd's backward of
-    ``vecdot`` broadcast the gradient in another layout and added two
-    products. Ordinary ops in backward: double backward and
-    ``generate_vmap_rule`` work.
+    Why a Function: the forward takes ``vector_norm`` squared, a single
+    reduction pass (``vecdot(x, x)`` materialises ``x * x`` first), whose own
+    autograd would have NaN second derivatives at all-zero pixels (MAML); the
+    backward is the polynomial's, ``2 x g``, as a single product in ``x``'s
+    NHWC memory, where autograd's backward of ``vecdot`` broadcast the
+    gradient in another layout and added two products. Ordinary ops in
+    backward: double backward and ``generate_vmap_rule`` work.
     """
 
     generate_vmap_rule = True
