@@ -1,12 +1,15 @@
-"""The compiled tap-modulated convolution (fewshot_nsl.nsl.fused): it builds
-here, and its forward and all three gradients agree with a float64 reference
-written from the definition, on every geometry and tile remainder."""
+"""The compiled kernels (fewshot_nsl.nsl.fused): they build here; the
+tap-modulated convolution's forward and all three gradients agree with a
+float64 reference written from the definition, on every geometry and tile
+remainder; and the meta-network's evaluation kernel agrees with the
+meta-network computed by loops."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from copy import deepcopy
 
 import pytest
 import torch
@@ -15,6 +18,7 @@ from torch.func import vmap
 
 from fewshot_nsl.nsl import DynamicNSLConv2d, fused
 from fewshot_nsl.nsl.dynamic import _TapModulatedConv
+from tests.test_nsl_layers import meta_network_by_loops, randomise_meta
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, sim: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
@@ -107,6 +111,59 @@ def test_applies_only_where_the_kernels_can_run():
 
     vmap(probe)(x.unsqueeze(1))
     assert seen == [False]  # vmap's batched tensors take the PyTorch path
+
+
+@pytest.mark.parametrize("channels,hidden", [(1, 3), (3, 20), (5, 16)])
+@pytest.mark.parametrize("form", ["diagonal", "full"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("stride,padding", [(1, 1), (2, 0)])
+def test_evaluation_meta_network_matches_its_definition_computed_by_loops(channels, hidden, form, training, stride, padding):
+    """Without a graph, the fused path's meta-network runs its normalisation (and,
+    on running statistics, BatchNorm and ReLU) in the kernel: it must still be the
+    meta-network of the definition, in both BatchNorm modes, with all-zero patches."""
+    torch.manual_seed(18)
+    layer = DynamicNSLConv2d(channels, 16, stride=stride, padding=padding, form=form, hidden=hidden, path="fused")
+    randomise_meta(layer)
+    with torch.no_grad():  # non-trivial BatchNorm affine and running statistics
+        layer.meta_bn.weight.uniform_(0.5, 1.5)
+        layer.meta_bn.bias.normal_(0.0, 0.3)
+        layer.meta_bn.running_mean.normal_(0.0, 0.2)
+        layer.meta_bn.running_var.uniform_(0.5, 2.0)
+    layer.train(training)
+    x = torch.randn(2, channels, 7, 6)
+    x[0, :, :4, :4] = 0.0  # patches of zeros: the energy is eps alone
+    expected = meta_network_by_loops(deepcopy(layer).double(), x.double(), training)
+    with torch.no_grad():
+        assert fused.meta_hidden_applies(x, layer.meta_conv.weight)
+        got = layer.similarity(x)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("channels,hidden,size,stride", [(64, 16, 14, 1), (3, 32, 21, 1), (64, 24, 9, 2)])
+def test_meta_hidden_matches_float64_pytorch_ops(channels, hidden, size, stride):
+    """At layer sizes (vector loops over 64 channels and whole hidden vectors), the
+    kernel equals conv / patch norm, then the affine map and ReLU, in float64 PyTorch ops."""
+    generator = torch.Generator().manual_seed(channels + hidden)
+    x = torch.randn(6, channels, size, size, generator=generator).to(memory_format=torch.channels_last)
+    weight = torch.randn(hidden, channels, 3, 3, generator=generator) / (3 * channels**0.5)
+    scale, shift = torch.rand(hidden, generator=generator) + 0.5, torch.randn(hidden, generator=generator)
+    x64, w64 = x.double(), weight.double()
+    energy = F.conv2d(x64.square().sum(1, keepdim=True), torch.ones(1, 1, 3, 3, dtype=torch.float64), None, stride, 1)
+    normalised = F.conv2d(x64, w64, None, stride, 1) * torch.rsqrt(energy + 1e-6)
+    affine = torch.relu(normalised * scale.double()[:, None, None] + shift.double()[:, None, None])
+    with torch.no_grad():
+        torch.testing.assert_close(fused.meta_hidden(x, weight, 1e-6, stride, 1).double(), normalised, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            fused.meta_hidden(x, weight, 1e-6, stride, 1, scale, shift).double(), affine, rtol=1e-4, atol=1e-5
+        )
+
+
+def test_meta_hidden_applies_only_without_a_graph():
+    x, weight = torch.randn(2, 3, 5, 5), torch.randn(8, 3, 3, 3)
+    assert not fused.meta_hidden_applies(x, weight)  # grad mode on: autograd needs the PyTorch ops
+    with torch.no_grad():
+        assert fused.meta_hidden_applies(x, weight)
+        assert not fused.meta_hidden_applies(x.double(), weight.double())  # float32 only
 
 
 @pytest.mark.parametrize("form", ["diagonal", "full"])

@@ -297,10 +297,10 @@ def test_default_paths_and_their_pytorch_fallbacks():
             type(f).__name__ == "_TapModulatedConvBackward" for f, _ in y.grad_fn.next_functions if f is not None
         )
 
-    below = dynamic_module.FUSED_MIN_CHANNELS - 1
-    assert DynamicNSLConv2d(below, 16, hidden=3).path == "planes"
-    assert not ran_patch_path(DynamicNSLConv2d(below, 16, hidden=3))
-    assert DynamicNSLConv2d(3, 16, hidden=3).path == "fused" and ran_patch_path(DynamicNSLConv2d(3, 16, hidden=3))
+    for channels in (1, 3):  # the kernels take diagonal stems too
+        assert DynamicNSLConv2d(channels, 16, hidden=3).path == "fused"
+        assert ran_patch_path(DynamicNSLConv2d(channels, 16, hidden=3))
+    assert not ran_patch_path(DynamicNSLConv2d(1, 16, hidden=3, path="planes"))
     # Where the kernels do not apply (4 output channels), the faster PyTorch route.
     few, many = dynamic_module.PLANES_MAX_CHANNELS, dynamic_module.PLANES_MAX_CHANNELS + 1
     assert DynamicNSLConv2d(few, 4, hidden=3).pytorch_path == "planes" and not ran_patch_path(DynamicNSLConv2d(few, 4, hidden=3))

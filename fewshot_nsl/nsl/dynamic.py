@@ -258,12 +258,6 @@ def _planes_modulated_conv(
 # when it computes in PyTorch (benchmarks/nsl_layer_overhead.py: 2-4x faster than the chunked
 # path on 1- and 3-channel stems).
 PLANES_MAX_CHANNELS = 4
-# Input channels from which the fused kernels are the default for the diagonal form.
-# A single-channel stem stays on the planes path, which trained it faster
-# (benchmarks/nsl_layer_overhead.py): with one channel the kernels' per-tap work is
-# all loop overhead. Full-form layers with at most PLANES_MAX_CHANNELS input channels
-# stay on the patch path, which ran those stems faster too.
-FUSED_MIN_CHANNELS = 2
 
 
 class DynamicNSLConv2d(NSLConvBase):
@@ -284,11 +278,13 @@ class DynamicNSLConv2d(NSLConvBase):
     ``"patches"`` (PyTorch ops), or ``"fused"``: the compiled CPU kernels of
     :mod:`fewshot_nsl.nsl.fused` for the calls they serve, and for the rest
     (double backward, ``torch.func`` transforms, float64, GPUs, no compiler)
-    :attr:`pytorch_path`. By default fused, except on image stems where the
-    PyTorch path was measured faster: single-channel diagonal layers
-    (``FUSED_MIN_CHANNELS``) and full-form layers with at most
-    ``PLANES_MAX_CHANNELS`` input channels. ``chunk_elements`` bounds the patch path's working set on CPU
-    (see ``CPU_CHUNK_ELEMENTS``).
+    :attr:`pytorch_path`. On the fused path a forward that records no graph
+    (evaluation) also runs the meta-network's normalisation, BatchNorm and
+    ReLU in one kernel pass (:func:`fewshot_nsl.nsl.fused.meta_hidden`). By
+    default fused, except full-form layers with at most
+    ``PLANES_MAX_CHANNELS`` input channels (image stems), where the patch
+    path was measured faster. ``chunk_elements`` bounds the patch path's
+    working set on CPU (see ``CPU_CHUNK_ELEMENTS``).
     """
 
     energy_eps = 1e-6
@@ -329,15 +325,37 @@ class DynamicNSLConv2d(NSLConvBase):
         being ``M9[i, j]``.
         """
         x = to_channels_last(x)
-        # Patch energy: a 1-channel box sum of sum_c x**2 (see _ChannelSquares).
-        squares = _ChannelSquares.apply(x)
-        energy = F.conv2d(squares, self.energy_kernel, None, self.stride, self.padding)
-        h = self.meta_conv(x) * torch.rsqrt(energy + self.energy_eps)
-        g = self.meta_out(F.relu(self.meta_bn(h), inplace=True))
-        if self.form == "diagonal":
-            return g + 1.0
-        eye = torch.eye(self.taps, dtype=g.dtype, device=g.device)
-        return g.unflatten(1, (self.taps, self.taps)) + eye[:, :, None, None]
+        if self.path == "fused" and fused.meta_hidden_applies(x, self.meta_conv.weight):
+            hidden = self._fused_hidden(x)
+        else:
+            # Patch energy: a 1-channel box sum of sum_c x**2 (see _ChannelSquares).
+            squares = _ChannelSquares.apply(x)
+            energy = F.conv2d(squares, self.energy_kernel, None, self.stride, self.padding)
+            h = self.meta_conv(x) * torch.rsqrt(energy + self.energy_eps)
+            hidden = F.relu(self.meta_bn(h), inplace=True)
+        # I + G(x): the identity joins the output convolution's bias, so it is
+        # added inside that convolution instead of in a pass of its own.
+        eye = torch.eye(self.taps, dtype=hidden.dtype, device=hidden.device)
+        identity = eye.diagonal() if self.form == "diagonal" else eye.flatten()
+        out = self.meta_out
+        m = F.conv2d(hidden, out.weight, identity if out.bias is None else out.bias + identity, out.stride, out.padding)
+        return m if self.form == "diagonal" else m.unflatten(1, (self.taps, self.taps))
+
+    def _fused_hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The meta-network's hidden activations from the compiled kernel (no
+        graph): with BatchNorm on running statistics the kernel applies it and
+        the ReLU too; with batch statistics they run on its output."""
+        bn = self.meta_bn
+        if bn.training or bn.running_mean is None or bn.running_var is None:
+            u = fused.meta_hidden(x, self.meta_conv.weight, self.energy_eps, self.stride, self.padding)
+            return F.relu(bn(u), inplace=True)
+        scale = torch.rsqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        shift = -bn.running_mean * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias
+        return fused.meta_hidden(x, self.meta_conv.weight, self.energy_eps, self.stride, self.padding, scale, shift)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         nhwc_out = is_channels_last(x)
@@ -361,8 +379,7 @@ class DynamicNSLConv2d(NSLConvBase):
         return y
 
     def _default_path(self) -> str:
-        few_channels = self.in_channels <= PLANES_MAX_CHANNELS
-        if (self.form == "full" and few_channels) or self.in_channels < FUSED_MIN_CHANNELS:
+        if self.form == "full" and self.in_channels <= PLANES_MAX_CHANNELS:
             return self.pytorch_path
         return "fused"
 

@@ -1,7 +1,9 @@
-"""The fused CPU kernels of the tap-modulated convolution, compiled on first use.
+"""The fused CPU kernels of dynamic NSL, compiled on first use.
 
 ``kernels/tap_modulated_conv.cpp`` builds each block of modulated patches in
-cache and multiplies it at once (see its header for why). It is compiled by
+cache and multiplies it at once (see its header for why), and runs the
+meta-network's normalisation, BatchNorm and ReLU of an evaluation pass in one
+pass over memory (:func:`meta_hidden`). It is compiled by
 ``torch.utils.cpp_extension`` the first time a dynamic NSL layer runs on CPU
 (once; the build is cached under ``TORCH_EXTENSIONS_DIR``, by
 default ``~/.cache/torch_extensions``). It needs a C++ compiler with OpenMP
@@ -9,7 +11,8 @@ default ``~/.cache/torch_extensions``). It needs a C++ compiler with OpenMP
 warning says why. ``FEWSHOT_NSL_FUSED=0`` turns the kernels off.
 
 The kernels are not differentiable, so they serve only the calls where that
-is not needed: a forward, and a backward that builds no graph. Double
+is not needed: a forward, and a backward that builds no graph (the
+meta-network kernel: a forward that records no graph at all). Double
 backward (MAML's second order) and ``torch.func`` transforms take the PyTorch
 path, which computes the same function.
 """
@@ -85,13 +88,19 @@ def _plain(tensor: torch.Tensor) -> bool:
     return not torch._C._functorch.is_functorch_wrapped_tensor(tensor)
 
 
+def _served(*tensors: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and _plain(t) for t in tensors)
+
+
 def applies(x: torch.Tensor, weight: torch.Tensor, sim: torch.Tensor) -> bool:
-    """Whether the kernels can compute this call (and are available)."""
-    return (
-        all(t.device.type == "cpu" and t.dtype == torch.float32 and _plain(t) for t in (x, weight, sim))
-        and weight.shape[0] % VECTOR_LANES == 0
-        and extension() is not None
-    )
+    """Whether the kernels can compute this modulated convolution (and are available)."""
+    return _served(x, weight, sim) and weight.shape[0] % VECTOR_LANES == 0 and extension() is not None
+
+
+def meta_hidden_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`meta_hidden` can compute this call: no graph is being
+    recorded (the kernel has no backward) and the kernels serve the tensors."""
+    return not torch.is_grad_enabled() and _served(x, weight) and extension() is not None
 
 
 def _nhwc(tensor: torch.Tensor) -> torch.Tensor:
@@ -110,6 +119,30 @@ def forward(x: torch.Tensor, weight: torch.Tensor, sim: torch.Tensor, stride: in
     kernel = extension()
     assert kernel is not None, "call applies() first"
     return kernel.forward(_nhwc(x), sim.contiguous(), tap_matrix(weight), weight.shape[-1], stride, padding)
+
+
+def meta_hidden(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    stride: int,
+    padding: int,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The meta-network's first stage: ``conv(x, weight)`` (oneDNN) divided by
+    the patch norm ``sqrt(sum_{c,taps} x**2 + eps)``, then, with ``scale`` and
+    ``shift`` (BatchNorm on running statistics, per channel),
+    ``relu(u * scale + shift)``; the normalisation and what follows run in one
+    kernel pass. ``x`` is (B, C, H, W), ``weight`` (h, C, k, k); returns
+    (B, h, Ho, Wo), channels_last."""
+    kernel = extension()
+    assert kernel is not None, "call meta_hidden_applies() first"
+    x = _nhwc(x).permute(0, 3, 1, 2)  # channels_last: oneDNN then writes u NHWC
+    u = F.conv2d(x, weight, None, stride, padding).permute(0, 2, 3, 1).contiguous()
+    affine = (scale.contiguous(), shift.contiguous()) if scale is not None and shift is not None else (None, None)
+    kernel.meta_normalize(x.permute(0, 2, 3, 1), u, weight.shape[-1], stride, padding, eps, *affine)
+    return u.permute(0, 3, 1, 2)
 
 
 def backward(

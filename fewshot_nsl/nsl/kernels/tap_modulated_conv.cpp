@@ -1,4 +1,6 @@
-// Fused CPU kernels of the tap-modulated convolution (fewshot_nsl/nsl/fused.py).
+// Fused CPU kernels of dynamic NSL (fewshot_nsl/nsl/fused.py): the
+// tap-modulated convolution, forward and backward, and the meta-network's
+// normalisation for evaluation (meta_normalize, at the end).
 //
 //   y[b,p,o] = sum_{t,c} a[b,p,t*C+c] w[t*C+c,o],
 //   a[b,p,t*C+c] = sum_j m[b,p,t,j] x[b,p*s+d_j,c]   (full form; diagonal: m[b,p,t] x[b,p*s+d_t,c])
@@ -21,6 +23,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
+#include <optional>
 #include <cstring>
 #include <vector>
 
@@ -28,7 +32,7 @@ namespace {
 
 typedef float vf __attribute__((vector_size(64), aligned(4)));
 constexpr long kLanes = 16;
-constexpr int kRows = 6;             // output rows of the micro-kernel's register tile
+constexpr int kRows = 6;             // output rows of the register tile, at 4 vectors
 constexpr int kVectors = 4;          // output vectors (x16 columns) of that tile
 constexpr long kDepthBlock = 128;    // GEMM depth per pass: 128 x 64 floats of B stay in L1
 constexpr long kPositionBlock = 24;  // output positions whose patches are built at once (forward)
@@ -43,7 +47,7 @@ inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(vf)); }
 template <int MR, int NV>
 void micro(const float* A, long sa, long sk, const float* B, long ldb, long K, float* Y, long ldy, bool accumulate) {
   vf acc[MR][NV];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) acc[i][j] = accumulate ? load(Y + i * ldy + j * kLanes) : vf{};
@@ -51,28 +55,45 @@ void micro(const float* A, long sa, long sk, const float* B, long ldb, long K, f
     vf b[NV];
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) b[j] = load(B + k * ldb + j * kLanes);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
       const float a = A[i * sa + k * sk];
 #pragma GCC unroll 4
       for (int j = 0; j < NV; ++j) acc[i][j] += a * b[j];
     }
   }
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) store(Y + i * ldy + j * kLanes, acc[i][j]);
 }
 
+// A tile of `rows` <= MR rows: the register tile's size is a compile-time constant.
+template <int NV, int MR>
+void micro_upto(int rows, const float* A, long sa, long sk, const float* B, long ldb, long K, float* Y, long ldy,
+                bool acc) {
+  if constexpr (MR > 1) {
+    if (rows < MR) return micro_upto<NV, MR - 1>(rows, A, sa, sk, B, ldb, K, Y, ldy, acc);
+  }
+  micro<MR, NV>(A, sa, sk, B, ldb, K, Y, ldy, acc);
+}
+
+// Rows of the register tile for NV output vectors: NV * rows accumulators,
+// at least 12 so that the FMAs' latency is hidden (narrow products, e.g. the
+// meta-network's 16 hidden channels), and at most 24 of the 32 registers.
 template <int NV>
-void micro_rows(int rows, const float* A, long sa, long sk, const float* B, long ldb, long K, float* Y, long ldy, bool acc) {
-  switch (rows) {
-    case 6: micro<6, NV>(A, sa, sk, B, ldb, K, Y, ldy, acc); break;
-    case 5: micro<5, NV>(A, sa, sk, B, ldb, K, Y, ldy, acc); break;
-    case 4: micro<4, NV>(A, sa, sk, B, ldb, K, Y, ldy, acc); break;
-    case 3: micro<3, NV>(A, sa, sk, B, ldb, K, Y, ldy, acc); break;
-    case 2: micro<2, NV>(A, sa, sk, B, ldb, K, Y, ldy, acc); break;
-    default: micro<1, NV>(A, sa, sk, B, ldb, K, Y, ldy, acc); break;
+constexpr int tile_rows() {
+  return NV == 1 ? 12 : NV == 2 ? 12 : NV == 3 ? 8 : kRows;
+}
+
+// Y[M x NV*16] (+)= A[M x K] B[K x NV*16], tile by tile down the rows.
+template <int NV>
+void gemm_panel(long M, const float* A, long sa, long sk, const float* B, long ldb, long K, float* Y, long ldy,
+                bool acc) {
+  constexpr int R = tile_rows<NV>();
+  for (long m0 = 0; m0 < M; m0 += R) {
+    const int rows = static_cast<int>(std::min<long>(R, M - m0));
+    micro_upto<NV, R>(rows, A + m0 * sa, sa, sk, B, ldb, K, Y + m0 * ldy, ldy, acc);
   }
 }
 
@@ -85,57 +106,92 @@ void gemm(long M, long N, long K, const float* A, long sa, long sk, const float*
     const bool acc = accumulate || k0 > 0;
     for (long n0 = 0; n0 < N; n0 += kVectors * kLanes) {
       const int nv = static_cast<int>(std::min<long>(kVectors, (N - n0) / kLanes));
-      for (long m0 = 0; m0 < M; m0 += kRows) {
-        const int rows = static_cast<int>(std::min<long>(kRows, M - m0));
-        const float* a = A + m0 * sa + k0 * sk;
-        const float* b = B + k0 * ldb + n0;
-        float* y = Y + m0 * ldy + n0;
-        switch (nv) {
-          case 4: micro_rows<4>(rows, a, sa, sk, b, ldb, depth, y, ldy, acc); break;
-          case 3: micro_rows<3>(rows, a, sa, sk, b, ldb, depth, y, ldy, acc); break;
-          case 2: micro_rows<2>(rows, a, sa, sk, b, ldb, depth, y, ldy, acc); break;
-          default: micro_rows<1>(rows, a, sa, sk, b, ldb, depth, y, ldy, acc); break;
-        }
+      const float* a = A + k0 * sk;
+      const float* b = B + k0 * ldb + n0;
+      float* y = Y + n0;
+      switch (nv) {
+        case 4: gemm_panel<4>(M, a, sa, sk, b, ldb, depth, y, ldy, acc); break;
+        case 3: gemm_panel<3>(M, a, sa, sk, b, ldb, depth, y, ldy, acc); break;
+        case 2: gemm_panel<2>(M, a, sa, sk, b, ldb, depth, y, ldy, acc); break;
+        default: gemm_panel<1>(M, a, sa, sk, b, ldb, depth, y, ldy, acc); break;
       }
     }
   }
 }
 
+// An output position, as (sample, row, column) of the output grid.
+struct Position {
+  long b, oh, ow;
+};
+
 // Geometry shared by the kernels, and the patch-row arithmetic.
 struct Geometry {
   long batch, in_h, in_w, channels, out_h, out_w, k, stride, padding, taps, out_channels;
   bool full;
+  // Per tap: its row and column in the kernel window, and its offset in x
+  // from the window's top-left element (computed once, not per position).
+  std::vector<long> tap_row, tap_col, tap_delta;
   long positions() const { return out_h * out_w; }
   long depth() const { return taps * channels; }
   long sim_size() const { return full ? taps * taps : taps; }
-  // Offsets in x of every tap's input row for output position q (over the
-  // whole batch, b * Ho * Wo + p), -1 in the zero padding: one set of
-  // divisions per position, not per tap.
-  void sources(long q, long* offsets) const {
-    const long b = q / positions(), p = q % positions();
-    const long top = (p / out_w) * stride - padding, left = (p % out_w) * stride - padding;
+  Position position(long q) const {
+    const long p = q % positions();
+    return {q / positions(), p / out_w, p % out_w};
+  }
+  // The next position in memory order: counters, so the per-position work
+  // has no integer division (which cost more than the patch rows of a stem).
+  void advance(Position& pos) const {
+    if (++pos.ow < out_w) return;
+    pos.ow = 0;
+    if (++pos.oh < out_h) return;
+    pos.oh = 0;
+    ++pos.b;
+  }
+  // Offsets in x of every tap's input row for an output position, -1 in the
+  // zero padding.
+  void sources(const Position& pos, long* offsets) const {
+    const long top = pos.oh * stride - padding, left = pos.ow * stride - padding;
+    const long corner = ((pos.b * in_h + top) * in_w + left) * channels;
+    if (top >= 0 && left >= 0 && top + k <= in_h && left + k <= in_w) {
+      for (long t = 0; t < taps; ++t) offsets[t] = corner + tap_delta[t];
+      return;
+    }
     for (long t = 0; t < taps; ++t) {
-      const long ih = top + t / k, iw = left + t % k;
+      const long ih = top + tap_row[t], iw = left + tap_col[t];
       const bool inside = ih >= 0 && ih < in_h && iw >= 0 && iw < in_w;
-      offsets[t] = inside ? ((b * in_h + ih) * in_w + iw) * channels : -1;
+      offsets[t] = inside ? corner + tap_delta[t] : -1;
     }
   }
 };
 
+Geometry geometry(const torch::Tensor& x, long out_h, long out_w, long k, long stride, long padding,
+                  long out_channels, bool full) {
+  Geometry g{x.size(0), x.size(1), x.size(2), x.size(3), out_h, out_w, k, stride, padding, k * k,
+             out_channels, full, {}, {}, {}};
+  for (long t = 0; t < g.taps; ++t) {
+    g.tap_row.push_back(t / k);
+    g.tap_col.push_back(t % k);
+    g.tap_delta.push_back((t / k * g.in_w + t % k) * g.channels);
+  }
+  return g;
+}
+
 Geometry geometry(const torch::Tensor& x, const torch::Tensor& m, long k, long stride, long padding,
                   long out_channels) {
-  return Geometry{x.size(0), x.size(1), x.size(2), x.size(3), m.size(1), m.size(2), k, stride, padding, k * k,
-                  out_channels, m.dim() == 5};
+  return geometry(x, m.size(1), m.size(2), k, stride, padding, out_channels, m.dim() == 5);
 }
 
 // Modulated patch rows of output positions [q0, q0 + count) into A (count x T*C).
-void build_patches(const Geometry& g, const float* x, const float* m, long q0, long count, float* A) {
-  const long C = g.channels, T = g.taps;
+// CC is the channel count when known at compile time (image stems: the
+// channel loops unroll), 0 otherwise.
+template <long CC>
+void build_patches_of(const Geometry& g, const float* x, const float* m, long q0, long count, float* A) {
+  const long C = CC > 0 ? CC : g.channels, T = g.taps;
   std::vector<long> offsets(T);
-  for (long i = 0; i < count; ++i) {
-    const long q = q0 + i;
-    g.sources(q, offsets.data());
-    const float* mp = m + q * g.sim_size();
+  Position pos = g.position(q0);
+  for (long i = 0; i < count; ++i, g.advance(pos)) {
+    g.sources(pos, offsets.data());
+    const float* mp = m + (q0 + i) * g.sim_size();
     float* row = A + i * g.depth();
     for (long t = 0; t < T; ++t) {
       float* out = row + t * C;
@@ -155,6 +211,14 @@ void build_patches(const Geometry& g, const float* x, const float* m, long q0, l
         for (long c = 0; c < C; ++c) out[c] += gain * src[c];
       }
     }
+  }
+}
+
+void build_patches(const Geometry& g, const float* x, const float* m, long q0, long count, float* A) {
+  switch (g.channels) {
+    case 1: build_patches_of<1>(g, x, m, q0, count, A); break;
+    case 3: build_patches_of<3>(g, x, m, q0, count, A); break;
+    default: build_patches_of<0>(g, x, m, q0, count, A); break;
   }
 }
 
@@ -247,12 +311,13 @@ std::vector<torch::Tensor> tap_modulated_backward(torch::Tensor x, torch::Tensor
           std::fill(gxp + unzeroed * sample_size, gxp + (unzeroed + 1) * sample_size, 0.f);
         }
         gemm(count, D_padded, O, dyb, O, 1, wtp, D_padded, patch_grad.data(), D_padded, false);
-        for (long i = 0; i < count; ++i) {
+        Position pos = g.position(q0);
+        for (long i = 0; i < count; ++i, g.advance(pos)) {
           const long q = q0 + i;
           const float* mrow = mp + q * g.sim_size();
           float* gmrow = need_m ? gmp + q * g.sim_size() : nullptr;
           const float* grow = patch_grad.data() + i * D_padded;
-          g.sources(q, offsets.data());
+          g.sources(pos, offsets.data());
           for (long t = 0; t < T; ++t) {
             const float* gt = grow + t * C;
             // Diagonal: tap t reads input row t only; full: every row j, through M[t, j].
@@ -276,7 +341,62 @@ std::vector<torch::Tensor> tap_modulated_backward(torch::Tensor x, torch::Tensor
   return {grad_x, grad_w, grad_m};
 }
 
+// The meta-network's normalisation (DynamicNSLConv2d.similarity), in place on
+// u = conv(x, v), forward only:
+//   u[b,p,j] <- u[b,p,j] / sqrt(sum_{t,c} x[b,p*s+d_t,c]^2 + eps),
+// then, where scale and shift are given, relu(u[b,p,j] * scale[j] + shift[j])
+// (BatchNorm on running statistics, and the ReLU). In PyTorch ops the patch
+// energy is a squares pass, a box-sum convolution and an rsqrt, and the rest
+// three passes over the hidden activations; here it is one pass over x (each
+// pixel's channel squares, once) and one over u. x is NHWC (B, H, W, C), u
+// NHWC (B, Ho, Wo, h).
+void meta_normalize(torch::Tensor x, torch::Tensor u, int64_t k, int64_t stride, int64_t padding, double eps,
+                    std::optional<torch::Tensor> scale, std::optional<torch::Tensor> shift) {
+  const long pixels = x.size(0) * x.size(1) * x.size(2), C = x.size(3), hidden = u.size(3);
+  auto squares = torch::empty({x.size(0), x.size(1), x.size(2), 1}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* sp = squares.data_ptr<float>();
+  at::parallel_for(0, pixels, 1024, [&](long begin, long end) {
+    for (long i = begin; i < end; ++i) {
+      const float* row = xp + i * C;
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (long c = 0; c < C; ++c) sum += row[c] * row[c];
+      sp[i] = sum;
+    }
+  });
+  // The squares map is a one-channel image: its taps' offsets are its pixels.
+  const Geometry g = geometry(squares, u.size(1), u.size(2), k, stride, padding, hidden, false);
+  const float* scale_p = scale ? scale->data_ptr<float>() : nullptr;
+  const float* shift_p = shift ? shift->data_ptr<float>() : nullptr;
+  float* up = u.data_ptr<float>();
+  const float epsilon = static_cast<float>(eps);
+  const long total = g.batch * g.positions(), blocks = (total + kPositionBlock - 1) / kPositionBlock;
+  at::parallel_for(0, blocks, 1, [&](long begin, long end) {
+    std::vector<long> offsets(g.taps);
+    for (long block = begin; block < end; ++block) {
+      const long q0 = block * kPositionBlock, count = std::min(kPositionBlock, total - q0);
+      Position pos = g.position(q0);
+      for (long q = q0; q < q0 + count; ++q, g.advance(pos)) {
+        g.sources(pos, offsets.data());
+        float energy = 0.f;
+        for (long t = 0; t < g.taps; ++t) energy += offsets[t] < 0 ? 0.f : sp[offsets[t]];
+        const float norm = 1.f / std::sqrt(energy + epsilon);
+        float* row = up + q * hidden;
+        if (scale_p) {
+#pragma omp simd
+          for (long j = 0; j < hidden; ++j) row[j] = std::max(0.f, row[j] * norm * scale_p[j] + shift_p[j]);
+        } else {
+#pragma omp simd
+          for (long j = 0; j < hidden; ++j) row[j] *= norm;
+        }
+      }
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("forward", &tap_modulated_forward, "tap-modulated convolution, fused (CPU, float32)");
   module.def("backward", &tap_modulated_backward, "its input, weight and similarity gradients");
+  module.def("meta_normalize", &meta_normalize, "the meta-network's normalisation, in place (CPU, float32)");
 }
