@@ -36,6 +36,12 @@ SWITCH_VARIABLE = "FEWSHOT_NSL_FUSED"
 # The micro-kernel works on whole vectors of 16 floats along its output columns:
 # the layer's output channels must fill them.
 VECTOR_LANES = 16
+# Outputs larger than this go to memory whatever the stores, and their reader
+# takes them from there: the forward writes them with streaming stores, which
+# skip reading each line in first (image stems; benchmarks/nsl_layer_overhead.py
+# times them). 32 MiB: the last-level cache one core complex shares on current
+# x86 server parts (this machine's EPYC; glibc reports the whole package's).
+STREAMED_OUTPUT_BYTES = 32 << 20
 
 
 @functools.cache
@@ -118,7 +124,10 @@ def forward(x: torch.Tensor, weight: torch.Tensor, sim: torch.Tensor, stride: in
     """``y`` (B, Ho, Wo, O) from ``x`` (B, C, H, W) and the tap-last similarity."""
     kernel = extension()
     assert kernel is not None, "call applies() first"
-    return kernel.forward(_nhwc(x), sim.contiguous(), tap_matrix(weight), weight.shape[-1], stride, padding)
+    out_h, out_w = sim.shape[1], sim.shape[2]
+    output_bytes = x.shape[0] * out_h * out_w * weight.shape[0] * x.element_size()
+    stream = output_bytes > STREAMED_OUTPUT_BYTES
+    return kernel.forward(_nhwc(x), sim.contiguous(), tap_matrix(weight), weight.shape[-1], stride, padding, stream)
 
 
 def meta_hidden(

@@ -28,6 +28,10 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 typedef float vf __attribute__((vector_size(64), aligned(4)));
@@ -43,14 +47,35 @@ constexpr long kBackwardPositionBlock = 96;
 inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof(vf)); return v; }
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(vf)); }
 
+// How a GEMM's results reach Y: written over it; added to it; or written
+// over it with non-temporal stores, which skip reading each line in before
+// writing it: for an output too large to stay in cache for its reader
+// anyway (an image stem's), whose rows are whole 64-byte lines.
+enum class Write { overwrite, accumulate, stream };
+
+inline void stream(float* p, vf v) {
+#if defined(__AVX512F__)
+  _mm512_stream_ps(p, reinterpret_cast<__m512&>(v));
+#else
+  store(p, v);
+#endif
+}
+
+// Orders a thread's streaming stores before whatever reads them next.
+inline void stream_fence() {
+#if defined(__AVX512F__)
+  _mm_sfence();
+#endif
+}
+
 // Y[MR x NV*16] (+)= A[MR x K] B[K x NV*16]; A's element (i, k) at A[i*sa + k*sk].
 template <int MR, int NV>
-void micro(const float* A, long sa, long sk, const float* B, long ldb, long K, float* Y, long ldy, bool accumulate) {
+void micro(const float* A, long sa, long sk, const float* B, long ldb, long K, float* Y, long ldy, Write write) {
   vf acc[MR][NV];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) acc[i][j] = accumulate ? load(Y + i * ldy + j * kLanes) : vf{};
+    for (int j = 0; j < NV; ++j) acc[i][j] = write == Write::accumulate ? load(Y + i * ldy + j * kLanes) : vf{};
   for (long k = 0; k < K; ++k) {
     vf b[NV];
 #pragma GCC unroll 4
@@ -65,13 +90,16 @@ void micro(const float* A, long sa, long sk, const float* B, long ldb, long K, f
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) store(Y + i * ldy + j * kLanes, acc[i][j]);
+    for (int j = 0; j < NV; ++j) {
+      if (write == Write::stream) stream(Y + i * ldy + j * kLanes, acc[i][j]);
+      else store(Y + i * ldy + j * kLanes, acc[i][j]);
+    }
 }
 
 // A tile of `rows` <= MR rows: the register tile's size is a compile-time constant.
 template <int NV, int MR>
 void micro_upto(int rows, const float* A, long sa, long sk, const float* B, long ldb, long K, float* Y, long ldy,
-                bool acc) {
+                Write acc) {
   if constexpr (MR > 1) {
     if (rows < MR) return micro_upto<NV, MR - 1>(rows, A, sa, sk, B, ldb, K, Y, ldy, acc);
   }
@@ -89,7 +117,7 @@ constexpr int tile_rows() {
 // Y[M x NV*16] (+)= A[M x K] B[K x NV*16], tile by tile down the rows.
 template <int NV>
 void gemm_panel(long M, const float* A, long sa, long sk, const float* B, long ldb, long K, float* Y, long ldy,
-                bool acc) {
+                Write acc) {
   constexpr int R = tile_rows<NV>();
   for (long m0 = 0; m0 < M; m0 += R) {
     const int rows = static_cast<int>(std::min<long>(R, M - m0));
@@ -99,11 +127,13 @@ void gemm_panel(long M, const float* A, long sa, long sk, const float* B, long l
 
 // Y[M x N] (+)= A[M x K] B[K x N], N a multiple of 16, blocked over K so that
 // the slice of B in use stays in L1 while every row tile of A passes it.
+// Streaming stores apply only where one block spans K (each tile is then
+// written once), and need Y's rows 64-byte aligned.
 void gemm(long M, long N, long K, const float* A, long sa, long sk, const float* B, long ldb, float* Y, long ldy,
-          bool accumulate) {
+          Write write) {
   for (long k0 = 0; k0 < K; k0 += kDepthBlock) {
     const long depth = std::min(kDepthBlock, K - k0);
-    const bool acc = accumulate || k0 > 0;
+    const Write acc = k0 > 0 ? Write::accumulate : (write == Write::stream && depth < K ? Write::overwrite : write);
     for (long n0 = 0; n0 < N; n0 += kVectors * kLanes) {
       const int nv = static_cast<int>(std::min<long>(kVectors, (N - n0) / kLanes));
       const float* a = A + k0 * sk;
@@ -147,19 +177,26 @@ struct Geometry {
     pos.oh = 0;
     ++pos.b;
   }
+  long top(const Position& pos) const { return pos.oh * stride - padding; }
+  long left(const Position& pos) const { return pos.ow * stride - padding; }
+  // Whether the position's window lies inside the image (no tap in the padding).
+  bool interior(const Position& pos) const {
+    return top(pos) >= 0 && left(pos) >= 0 && top(pos) + k <= in_h && left(pos) + k <= in_w;
+  }
+  // Offset in x of the window's top-left input row (maybe outside the image).
+  long corner(const Position& pos) const { return ((pos.b * in_h + top(pos)) * in_w + left(pos)) * channels; }
   // Offsets in x of every tap's input row for an output position, -1 in the
   // zero padding.
   void sources(const Position& pos, long* offsets) const {
-    const long top = pos.oh * stride - padding, left = pos.ow * stride - padding;
-    const long corner = ((pos.b * in_h + top) * in_w + left) * channels;
-    if (top >= 0 && left >= 0 && top + k <= in_h && left + k <= in_w) {
-      for (long t = 0; t < taps; ++t) offsets[t] = corner + tap_delta[t];
+    const long base = corner(pos);
+    if (interior(pos)) {
+      for (long t = 0; t < taps; ++t) offsets[t] = base + tap_delta[t];
       return;
     }
     for (long t = 0; t < taps; ++t) {
-      const long ih = top + tap_row[t], iw = left + tap_col[t];
+      const long ih = top(pos) + tap_row[t], iw = left(pos) + tap_col[t];
       const bool inside = ih >= 0 && ih < in_h && iw >= 0 && iw < in_w;
-      offsets[t] = inside ? corner + tap_delta[t] : -1;
+      offsets[t] = inside ? base + tap_delta[t] : -1;
     }
   }
 };
@@ -182,11 +219,8 @@ Geometry geometry(const torch::Tensor& x, const torch::Tensor& m, long k, long s
 }
 
 // Modulated patch rows of output positions [q0, q0 + count) into A (count x T*C).
-// CC is the channel count when known at compile time (image stems: the
-// channel loops unroll), 0 otherwise.
-template <long CC>
-void build_patches_of(const Geometry& g, const float* x, const float* m, long q0, long count, float* A) {
-  const long C = CC > 0 ? CC : g.channels, T = g.taps;
+void build_patch_rows(const Geometry& g, const float* x, const float* m, long q0, long count, float* A) {
+  const long C = g.channels, T = g.taps;
   std::vector<long> offsets(T);
   Position pos = g.position(q0);
   for (long i = 0; i < count; ++i, g.advance(pos)) {
@@ -214,12 +248,37 @@ void build_patches_of(const Geometry& g, const float* x, const float* m, long q0
   }
 }
 
-void build_patches(const Geometry& g, const float* x, const float* m, long q0, long count, float* A) {
-  switch (g.channels) {
-    case 1: build_patches_of<1>(g, x, m, q0, count, A); break;
-    case 3: build_patches_of<3>(g, x, m, q0, count, A); break;
-    default: build_patches_of<0>(g, x, m, q0, count, A); break;
+// The same rows for a diagonal 3x3 image stem (CC = 1 or 3 channels), where a
+// row is 9 or 27 values and the generic loop's per-tap bookkeeping cost more
+// than the values themselves: a window inside the image is copied
+// straight-line, with every size a compile-time constant.
+template <long CC>
+void build_stem_patch_rows(const Geometry& g, const float* x, const float* m, long q0, long count, float* A) {
+  constexpr long K = 3, T = K * K;
+  std::vector<long> offsets(T);
+  const long line = g.in_w * CC;  // one input row of the window
+  Position pos = g.position(q0);
+  for (long i = 0; i < count; ++i, g.advance(pos)) {
+    const float* mp = m + (q0 + i) * T;
+    float* row = A + i * T * CC;
+    if (g.interior(pos)) {
+      const float* window = x + g.corner(pos);
+      for (long r = 0; r < K; ++r)
+        for (long j = 0; j < K; ++j)
+          for (long c = 0; c < CC; ++c) row[(r * K + j) * CC + c] = mp[r * K + j] * window[r * line + j * CC + c];
+      continue;
+    }
+    g.sources(pos, offsets.data());
+    for (long t = 0; t < T; ++t)
+      for (long c = 0; c < CC; ++c) row[t * CC + c] = offsets[t] < 0 ? 0.f : mp[t] * x[offsets[t] + c];
   }
+}
+
+void build_patches(const Geometry& g, const float* x, const float* m, long q0, long count, float* A) {
+  const bool stem = !g.full && g.k == 3;
+  if (stem && g.channels == 1) build_stem_patch_rows<1>(g, x, m, q0, count, A);
+  else if (stem && g.channels == 3) build_stem_patch_rows<3>(g, x, m, q0, count, A);
+  else build_patch_rows(g, x, m, q0, count, A);
 }
 
 // Returns sum_c g[c] x[c] (the similarity gradient) and adds gain * g to dx.
@@ -243,13 +302,15 @@ float dot_and_scatter(const float* g, const float* x, float gain, float* dx, lon
 }  // namespace
 
 torch::Tensor tap_modulated_forward(torch::Tensor x, torch::Tensor m, torch::Tensor w, int64_t k, int64_t stride,
-                                    int64_t padding) {
+                                    int64_t padding, bool stream_output) {
   const Geometry g = geometry(x, m, k, stride, padding, w.size(1));
   auto y = torch::empty({g.batch, g.out_h, g.out_w, g.out_channels}, x.options());
   const float* xp = x.data_ptr<float>();
   const float* mp = m.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
+  // y from torch::empty is 64-byte aligned, and its rows are whole vectors.
+  const Write write = stream_output ? Write::stream : Write::overwrite;
   // Blocks run over the whole batch's positions, so no block is a thin remainder of a sample.
   const long total = g.batch * g.positions(), blocks = (total + kPositionBlock - 1) / kPositionBlock;
   at::parallel_for(0, blocks, 1, [&](long begin, long end) {
@@ -258,8 +319,9 @@ torch::Tensor tap_modulated_forward(torch::Tensor x, torch::Tensor m, torch::Ten
       const long q0 = block * kPositionBlock, count = std::min(kPositionBlock, total - q0);
       build_patches(g, xp, mp, q0, count, patches.data());
       gemm(count, g.out_channels, g.depth(), patches.data(), g.depth(), 1, wp, g.out_channels,
-           yp + q0 * g.out_channels, g.out_channels, false);
+           yp + q0 * g.out_channels, g.out_channels, write);
     }
+    if (write == Write::stream) stream_fence();
   });
   return y;
 }
@@ -304,13 +366,13 @@ std::vector<torch::Tensor> tap_modulated_backward(torch::Tensor x, torch::Tensor
         if (need_w) {
           build_patches(g, xp, mp, q0, count, patches.data());
           // grad_w[d, o] += sum_p patches[p, d] dy[p, o]: the patches read transposed.
-          gemm(D, O, count, patches.data(), 1, D, dyb, O, gwp + split * D * O, O, true);
+          gemm(D, O, count, patches.data(), 1, D, dyb, O, gwp + split * D * O, O, Write::accumulate);
         }
         if (!(need_x || need_m)) continue;
         for (; need_x && unzeroed <= (q0 + count - 1) / g.positions(); ++unzeroed) {
           std::fill(gxp + unzeroed * sample_size, gxp + (unzeroed + 1) * sample_size, 0.f);
         }
-        gemm(count, D_padded, O, dyb, O, 1, wtp, D_padded, patch_grad.data(), D_padded, false);
+        gemm(count, D_padded, O, dyb, O, 1, wtp, D_padded, patch_grad.data(), D_padded, Write::overwrite);
         Position pos = g.position(q0);
         for (long i = 0; i < count; ++i, g.advance(pos)) {
           const long q = q0 + i;
