@@ -18,7 +18,7 @@ from torch.func import vmap
 
 from fewshot_nsl.nsl import DynamicNSLConv2d, fused
 from fewshot_nsl.nsl.dynamic import _TapModulatedConv
-from tests.test_nsl_layers import meta_network_by_loops, randomise_meta
+from tests.test_nsl_layers import brute_force, m9_from_similarity, meta_network_by_loops, randomise_meta
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, sim: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
@@ -70,6 +70,20 @@ def test_fused_matches_float64_reference(full, stride, padding, batch, channels,
     grads_exact = torch.autograd.grad(y_exact, exact, upstream.double())
     for got, want in zip((y, *grads), (y_exact, *grads_exact)):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_outputs_past_the_streaming_threshold_match_the_reference(channels):
+    """Stem outputs larger than STREAMED_OUTPUT_BYTES are written with streaming stores."""
+    generator = torch.Generator().manual_seed(channels)
+    batch, size, out_channels = 180, 28, 64
+    assert batch * size * size * out_channels * 4 > fused.STREAMED_OUTPUT_BYTES
+    x = torch.randn(batch, channels, size, size, generator=generator)
+    weight = torch.randn(out_channels, channels, 3, 3, generator=generator)
+    sim = tap_last_similarity(generator, batch, size, size, full=False)
+    y = fused.forward(x, weight, sim, 1, 1).permute(0, 3, 1, 2)
+    expected = reference(x.double(), weight.double(), sim.double(), 1, 1)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_fused_is_deterministic_and_independent_of_thread_count():
@@ -136,7 +150,12 @@ def test_evaluation_meta_network_matches_its_definition_computed_by_loops(channe
     with torch.no_grad():
         assert fused.meta_hidden_applies(x, layer.meta_conv.weight)
         got = layer.similarity(x)
+        output = layer(x)  # and the forward without a graph: the kernels called directly
     torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
+    m9 = m9_from_similarity(expected, form)
+    torch.testing.assert_close(
+        output.double(), brute_force(x.double(), layer.weight.double(), m9, stride, padding), rtol=1e-4, atol=1e-4
+    )
 
 
 @pytest.mark.parametrize("channels,hidden,size,stride", [(64, 16, 14, 1), (3, 32, 21, 1), (64, 24, 9, 2)])

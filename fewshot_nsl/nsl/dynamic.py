@@ -120,6 +120,14 @@ class _ChannelSquares(torch.autograd.Function):
         return (x_nhwc * (2 * grad).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
+def _fused_output(
+    x: torch.Tensor, weight: torch.Tensor, sim: torch.Tensor, stride: int, padding: int, nhwc_out: bool
+) -> torch.Tensor:
+    """The compiled forward as (B, O, Ho, Wo), NHWC in memory when ``nhwc_out``."""
+    y = fused.forward(x, weight, sim, stride, padding).permute(0, 3, 1, 2)
+    return y if nhwc_out else y.contiguous()
+
+
 class _TapModulatedConv(torch.autograd.Function):
     """``y[b,o,p] = sum_{c,i,j} w[o,c,i] sim(b,p)[i,j] x[b,c,p+delta_j]``.
 
@@ -147,8 +155,7 @@ class _TapModulatedConv(torch.autograd.Function):
         use_fused: bool = False,
     ) -> torch.Tensor:
         if use_fused and fused.applies(x, weight, sim):
-            y = fused.forward(x, weight, sim, stride, padding).permute(0, 3, 1, 2)
-            return y if nhwc_out else y.contiguous()
+            return _fused_output(x, weight, sim, stride, padding, nhwc_out)
         batch = x.shape[0]
         out_channels, _, k, _ = weight.shape
         out_h, out_w = sim.shape[1], sim.shape[2]
@@ -316,6 +323,9 @@ class DynamicNSLConv2d(NSLConvBase):
             self.meta_out.weight.mul_(1e-3)
             self.meta_out.bias.zero_()
         self.register_buffer("energy_kernel", torch.ones(1, 1, kernel_size, kernel_size), persistent=False)
+        # I in M9 = I + G(x), as meta_out's output channels: added to that convolution's bias.
+        identity = torch.ones(taps) if form == "diagonal" else torch.eye(taps).flatten()
+        self.register_buffer("identity", identity, persistent=False)
 
     def similarity(self, x: torch.Tensor) -> torch.Tensor:
         """The per-position similarity the forward pass uses.
@@ -335,10 +345,9 @@ class DynamicNSLConv2d(NSLConvBase):
             hidden = F.relu(self.meta_bn(h), inplace=True)
         # I + G(x): the identity joins the output convolution's bias, so it is
         # added inside that convolution instead of in a pass of its own.
-        eye = torch.eye(self.taps, dtype=hidden.dtype, device=hidden.device)
-        identity = eye.diagonal() if self.form == "diagonal" else eye.flatten()
         out = self.meta_out
-        m = F.conv2d(hidden, out.weight, identity if out.bias is None else out.bias + identity, out.stride, out.padding)
+        bias = self.identity if out.bias is None else out.bias + self.identity
+        m = F.conv2d(hidden, out.weight, bias, out.stride, out.padding)
         return m if self.form == "diagonal" else m.unflatten(1, (self.taps, self.taps))
 
     def _fused_hidden(self, x: torch.Tensor) -> torch.Tensor:
@@ -350,11 +359,8 @@ class DynamicNSLConv2d(NSLConvBase):
             u = fused.meta_hidden(x, self.meta_conv.weight, self.energy_eps, self.stride, self.padding)
             return F.relu(bn(u), inplace=True)
         scale = torch.rsqrt(bn.running_var + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight
-        shift = -bn.running_mean * scale
-        if bn.bias is not None:
-            shift = shift + bn.bias
+        scale = scale if bn.weight is None else scale * bn.weight
+        shift = -bn.running_mean * scale if bn.bias is None else torch.addcmul(bn.bias, bn.running_mean, scale, value=-1)
         return fused.meta_hidden(x, self.meta_conv.weight, self.energy_eps, self.stride, self.padding, scale, shift)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -371,9 +377,14 @@ class DynamicNSLConv2d(NSLConvBase):
             y = y if nhwc_out else y.contiguous()
             return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
         tap_last = sim.permute(0, 2, 3, 1) if self.form == "diagonal" else sim.permute(0, 3, 4, 1, 2)
-        y = _TapModulatedConv.apply(
-            x, self.weight, tap_last, self.stride, self.padding, nhwc_out, self.chunk_elements, path == "fused"
-        )
+        if path == "fused" and not torch.is_grad_enabled():
+            # Nothing to record: the kernel without the autograd Function's dispatch,
+            # which costs as much as the kernel on the last layers' small grids.
+            y = _fused_output(x, self.weight, tap_last, self.stride, self.padding, nhwc_out)
+        else:
+            y = _TapModulatedConv.apply(
+                x, self.weight, tap_last, self.stride, self.padding, nhwc_out, self.chunk_elements, path == "fused"
+            )
         if self.bias is not None:
             y = y + self.bias.view(1, -1, 1, 1)
         return y
