@@ -5,8 +5,13 @@ For each input size (Omniglot 20-way 5-shot 5-query: 200×1×28×28; Mini-ImageN
 training episode and the forward of an evaluation pass (static NSL folded into
 plain convolutions, as ``fewshot-nsl eval`` does), for plain Conv-4, static NSL
 (diagonal, full) and dynamic NSL (diagonal with meta-network width h ∈ {16, 32,
-64}, full with h = 64). Variants are measured alternately over several rounds
-and the medians compared, so machine noise hits all of them alike.
+64}, full with h = 64). Timings are paired: every variant (plain Conv-4 itself
+included, as a check of the pairing's noise) is timed right after plain
+Conv-4, in an order shuffled each round by a seeded generator, and its ratio
+is the median of its per-pair ratios. Drift in the machine's speed and a
+variant's place in the round then hit both sides of each ratio alike; with
+medians of separately timed rounds, the evaluation of static NSL (the very
+network of plain Conv-4 once folded) read 0.90× at code 54aa99a.
 
 Dynamic NSL has a FLOP floor of its own: per 3×3 layer with C inputs, O outputs
 and an Ho×Wo output grid, the main convolution costs F = Ho·Wo·O·C·9 multiply-adds;
@@ -143,7 +148,7 @@ def timed(fn, repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--repeats", type=int, default=3)
     add_allow_dirty(parser)
     parser.add_argument("--quick", action="store_true")
@@ -171,23 +176,30 @@ def main() -> None:
         def eval_step(learner: ProtoNet) -> None:
             learner.fit(episode.support_images, episode.support_labels, ways)(episode.query_images)
 
-        train_times: dict[str, list[float]] = {name: [] for name in learners}
-        eval_times: dict[str, list[float]] = {name: [] for name in learners}
         for name in learners:  # warm-up
             train_step(learners[name])
             eval_step(evaluators[name])
+        phases = {"train": (train_step, learners), "eval": (eval_step, evaluators)}
+        times = {phase: {name: [] for name in learners} for phase in phases}
+        ratios = {phase: {name: [] for name in learners} for phase in phases}
+        names = list(learners)
+        order = torch.Generator().manual_seed(0)
         for _ in range(rounds):
-            for name in learners:
-                train_times[name].append(timed(lambda: train_step(learners[name]), repeats))
-                eval_times[name].append(timed(lambda: eval_step(evaluators[name]), repeats))
-        base_train, base_eval = statistics.median(train_times["conv"]), statistics.median(eval_times["conv"])
+            for index in torch.randperm(len(names), generator=order).tolist():
+                name = names[index]
+                for phase, (step, models) in phases.items():
+                    base = timed(lambda: step(models["conv"]), repeats)
+                    own = timed(lambda: step(models[name]), repeats)
+                    times[phase][name].append(own)
+                    ratios[phase][name].append(own / base)
         for name in learners:
             similarity = VARIANTS[name.removesuffix(PYTORCH_SUFFIX)]
-            train_s, eval_s = statistics.median(train_times[name]), statistics.median(eval_times[name])
             forward_flops, training_flops = flop_ratio(similarity, shape), flop_ratio(similarity, shape, training=True)
             rows.append({
-                "input": input_name, "variant": name, "train_s": train_s, "eval_s": eval_s,
-                "train_ratio": train_s / base_train, "eval_ratio": eval_s / base_eval,
+                "input": input_name, "variant": name,
+                "train_s": statistics.median(times["train"][name]), "eval_s": statistics.median(times["eval"][name]),
+                "train_ratio": statistics.median(ratios["train"][name]),
+                "eval_ratio": statistics.median(ratios["eval"][name]),
                 "forward_flop_ratio": forward_flops, "training_flop_ratio": training_flops,
             })  # fmt: skip
     lines = [
@@ -204,7 +216,8 @@ def main() -> None:
     info = machine()
     text = (
         "# NSL overhead, Conv-4, CPU\n\n"
-        f"`python benchmarks/nsl_overhead.py` — {rounds} alternating rounds × {repeats} repeats, medians; "
+        f"`python benchmarks/nsl_overhead.py` — {rounds} rounds of paired timings (each variant right after plain "
+        f"Conv-4, seeded shuffled order) × {repeats} repeats; ratios are medians of the per-pair ratios; "
         f"{info['cpu_count']} cores, {info['threads']} threads, torch {info['torch']}, channels_last, "
         f"GLIBC_TUNABLES {'set' if info['glibc_tunables'] == FAST_MALLOC else 'not set'}. Ratios are against plain Conv-4 "
         "in the same run. Training = ProtoNet episode forward+backward; evaluation = forward with static NSL folded. "

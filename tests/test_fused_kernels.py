@@ -18,7 +18,13 @@ from torch.func import vmap
 
 from fewshot_nsl.nsl import DynamicNSLConv2d, fused
 from fewshot_nsl.nsl.dynamic import _TapModulatedConv
-from tests.test_nsl_layers import brute_force, m9_from_similarity, meta_network_by_loops, randomise_meta
+from tests.test_nsl_layers import (
+    brute_force,
+    m9_from_similarity,
+    meta_network_by_loops,
+    randomise_batch_norm,
+    randomise_meta,
+)
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, sim: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
@@ -138,11 +144,7 @@ def test_evaluation_meta_network_matches_its_definition_computed_by_loops(channe
     torch.manual_seed(18)
     layer = DynamicNSLConv2d(channels, 16, stride=stride, padding=padding, form=form, hidden=hidden, path="fused")
     randomise_meta(layer)
-    with torch.no_grad():  # non-trivial BatchNorm affine and running statistics
-        layer.meta_bn.weight.uniform_(0.5, 1.5)
-        layer.meta_bn.bias.normal_(0.0, 0.3)
-        layer.meta_bn.running_mean.normal_(0.0, 0.2)
-        layer.meta_bn.running_var.uniform_(0.5, 2.0)
+    randomise_batch_norm(layer)
     layer.train(training)
     x = torch.randn(2, channels, 7, 6)
     x[0, :, :4, :4] = 0.0  # patches of zeros: the energy is eps alone

@@ -62,6 +62,15 @@ def randomise_meta(layer: DynamicNSLConv2d, scale: float = 0.3) -> None:
         layer.meta_out.bias.normal_(0.0, scale)
 
 
+def randomise_batch_norm(layer: DynamicNSLConv2d) -> None:
+    """Give the meta-network's BatchNorm a non-trivial affine map and running statistics."""
+    with torch.no_grad():
+        layer.meta_bn.weight.uniform_(0.5, 1.5)
+        layer.meta_bn.bias.normal_(0.0, 0.3)
+        layer.meta_bn.running_mean.normal_(0.0, 0.2)
+        layer.meta_bn.running_var.uniform_(0.5, 2.0)
+
+
 @pytest.fixture(autouse=True)
 def single_thread():
     """These tensors are tiny: worker threads only add synchronisation, which
@@ -237,11 +246,7 @@ def test_meta_network_matches_its_definition_computed_by_loops(channels, form, t
     torch.manual_seed(17)
     layer = DynamicNSLConv2d(channels, 3, stride=stride, padding=padding, form=form, hidden=3).double()
     randomise_meta(layer)
-    with torch.no_grad():  # non-trivial BatchNorm affine and running statistics
-        layer.meta_bn.weight.uniform_(0.5, 1.5)
-        layer.meta_bn.bias.normal_(0.0, 0.3)
-        layer.meta_bn.running_mean.normal_(0.0, 0.2)
-        layer.meta_bn.running_var.uniform_(0.5, 2.0)
+    randomise_batch_norm(layer)
     layer.train(training)
     x = torch.randn(2, channels, 5, 6, dtype=torch.float64)
     expected = meta_network_by_loops(layer, x, training)
