@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from copy import deepcopy
 from pathlib import Path
 
 import torch
@@ -30,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.accuracy import SUITES  # noqa: E402
 from benchmarks.common import add_allow_dirty, data_root, machine, provenance, write_results  # noqa: E402
+from benchmarks.nsl_overhead import on_pytorch_path  # noqa: E402
 from fewshot_nsl.api import load_trained  # noqa: E402
 from fewshot_nsl.data.registry import load_split  # noqa: E402
 from fewshot_nsl.engine.evaluator import EvalRequest, evaluate_learner, select_manifest  # noqa: E402
@@ -40,15 +40,6 @@ from fewshot_nsl.runtime import memory_format  # noqa: E402
 SUITE = "nsl-omniglot"
 # Test images embedded by both paths for the embedding comparison.
 COMPARED_IMAGES = 1000
-
-
-def on_pytorch_path(learner: FewShotLearner) -> FewShotLearner:
-    """A copy of ``learner`` with every dynamic layer on its PyTorch path."""
-    copy = deepcopy(learner)
-    for module in copy.modules():
-        if isinstance(module, DynamicNSLConv2d):
-            module.path = module.pytorch_path
-    return copy
 
 
 def dynamic_paths(learner: FewShotLearner) -> str:

@@ -47,6 +47,7 @@ import statistics
 import sys
 import time
 from copy import deepcopy
+from typing import TypeVar
 
 import torch
 
@@ -72,17 +73,19 @@ VARIANTS = {
 }
 DYNAMIC_VARIANTS = {name: similarity for name, similarity in VARIANTS.items() if similarity.kind == "dynamic"}
 # Dynamic layers run the fused kernels by default; this suffix marks the same
-# learner with every dynamic layer on the PyTorch patch path (the "before").
+# learner with every dynamic layer on its PyTorch path (the "before").
 PYTORCH_SUFFIX = ", PyTorch path"
 WIDTH = 64
+ModelT = TypeVar("ModelT", bound=torch.nn.Module)
 
 
-def on_pytorch_path(learner: ProtoNet) -> ProtoNet:
-    """A copy of ``learner`` whose fused dynamic layers take the PyTorch patch path instead."""
-    copy = deepcopy(learner)
+def on_pytorch_path(model: ModelT) -> ModelT:
+    """A copy of ``model`` whose dynamic layers all take their PyTorch path
+    (``DynamicNSLConv2d.pytorch_path``: planes on diagonal stems, patches elsewhere)."""
+    copy = deepcopy(model)
     for module in copy.modules():
-        if isinstance(module, DynamicNSLConv2d) and module.path == "fused":
-            module.path = "patches"
+        if isinstance(module, DynamicNSLConv2d):
+            module.path = module.pytorch_path
     return copy
 
 
@@ -223,7 +226,8 @@ def main() -> None:
         "in the same run. Training = ProtoNet episode forward+backward; evaluation = forward with static NSL folded. "
         "FLOP ratios count the four 3×3 layers (forward, or forward + backward: see the script's docstring). "
         f"Dynamic layers take their default path (the fused kernels where they apply); rows marked `{PYTORCH_SUFFIX}` "
-        "run the same learner with every dynamic layer on the PyTorch patch path.\n\n"
+        "run the same learner with every dynamic layer on its PyTorch path (planes on diagonal stems, patches "
+        "elsewhere, and the meta-network in PyTorch ops).\n\n"
         + "\n".join(lines) + "\n"
     )
     write_results("nsl_overhead", {"machine": info, "rounds": rounds, "repeats": repeats, "rows": rows}, text, origin)
