@@ -1,8 +1,8 @@
 """Do the fused kernels change what a trained learner scores? Same checkpoints, same episodes.
 
 Retraining cannot answer this: the kernels sum in another order than the
-PyTorch path, so a training run's trajectory parts from the old one within a
-few hundred steps and lands as far away as another seed would
+PyTorch path, so a training run's trajectory parts from the old one, and
+reruns of one seed and recipe spread as far as another seed would
 (``benchmarks/results/nsl-omniglot-accuracy.md``). Here nothing is retrained.
 Each trained dynamic-NSL run of the ``nsl-omniglot`` suite (its run
 directories under ``runs/benchmarks/nsl-omniglot``, written by

@@ -378,8 +378,7 @@ class DynamicNSLConv2d(NSLConvBase):
             return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
         tap_last = sim.permute(0, 2, 3, 1) if self.form == "diagonal" else sim.permute(0, 3, 4, 1, 2)
         if path == "fused" and not torch.is_grad_enabled():
-            # Nothing to record: the kernel without the autograd Function's dispatch,
-            # which costs as much as the kernel on the last layers' small grids.
+            # Nothing to record: the kernel directly, without the autograd Function's dispatch.
             y = _fused_output(x, self.weight, tap_last, self.stride, self.padding, nhwc_out)
         else:
             y = _TapModulatedConv.apply(

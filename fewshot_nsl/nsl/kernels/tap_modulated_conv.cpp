@@ -169,7 +169,7 @@ struct Geometry {
     return {q / positions(), p / out_w, p % out_w};
   }
   // The next position in memory order: counters, so the per-position work
-  // has no integer division (which cost more than the patch rows of a stem).
+  // has no integer division.
   void advance(Position& pos) const {
     if (++pos.ow < out_w) return;
     pos.ow = 0;
@@ -249,9 +249,9 @@ void build_patch_rows(const Geometry& g, const float* x, const float* m, long q0
 }
 
 // The same rows for a diagonal 3x3 image stem (CC = 1 or 3 channels), where a
-// row is 9 or 27 values and the generic loop's per-tap bookkeeping cost more
-// than the values themselves: a window inside the image is copied
-// straight-line, with every size a compile-time constant.
+// row is only 9 or 27 values, so the generic loop's per-tap bookkeeping is
+// most of the work: a window inside the image is copied straight-line, with
+// every size a compile-time constant.
 template <long CC>
 void build_stem_patch_rows(const Geometry& g, const float* x, const float* m, long q0, long count, float* A) {
   constexpr long K = 3, T = K * K;
