@@ -187,6 +187,25 @@ def test_meta_hidden_applies_only_without_a_graph():
         assert not fused.meta_hidden_applies(x.double(), weight.double())  # float32 only
 
 
+def operators_run(layer: DynamicNSLConv2d, x: torch.Tensor) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as trace:
+        layer(x)
+    return {event.key for event in trace.key_averages()}
+
+
+def test_evaluation_takes_the_kernels_and_training_the_pytorch_meta_network():
+    """Seen in the operator trace: in evaluation without a graph, BatchNorm runs inside
+    the meta-network kernel and the modulated convolution skips the autograd Function;
+    with a graph, both run as before."""
+    layer = DynamicNSLConv2d(16, 16, hidden=4).eval()
+    x = torch.randn(2, 16, 6, 6)
+    with torch.no_grad():
+        evaluation = operators_run(layer, x)
+    recorded = operators_run(layer, x)
+    assert "aten::native_batch_norm" not in evaluation and "_TapModulatedConv" not in evaluation
+    assert "aten::native_batch_norm" in recorded and "_TapModulatedConv" in recorded
+
+
 @pytest.mark.parametrize("form", ["diagonal", "full"])
 def test_fused_layer_double_backward_and_vmap_match_patch_path(form):
     """Double backward and vmap leave the kernels for the PyTorch path; the layer's
