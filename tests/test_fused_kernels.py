@@ -160,12 +160,20 @@ def test_evaluation_meta_network_matches_its_definition_computed_by_loops(channe
     )
 
 
-@pytest.mark.parametrize("channels,hidden,size,stride", [(64, 16, 14, 1), (3, 32, 21, 1), (64, 24, 9, 2)])
-def test_meta_hidden_matches_float64_pytorch_ops(channels, hidden, size, stride):
-    """At layer sizes (vector loops over 64 channels and whole hidden vectors), the
-    kernel equals conv / patch norm, then the affine map and ReLU, in float64 PyTorch ops."""
+# Above DIRECT_META_MAX_CHANNELS: oneDNN's convolution, then the kernel; at or below
+# it (stems): the kernel alone, with hidden in whole vectors or not (20), and a
+# hidden output past STREAMED_OUTPUT_BYTES (streaming stores).
+META_HIDDEN_CASES = [(6, 64, 16, 14, 1), (6, 64, 24, 9, 2), (6, 5, 16, 9, 1), (6, 3, 32, 21, 1), (6, 1, 20, 9, 2),
+                     (6, 4, 16, 7, 1), (180, 1, 64, 28, 1)]  # fmt: skip
+
+
+@pytest.mark.parametrize("batch,channels,hidden,size,stride", META_HIDDEN_CASES)
+def test_meta_hidden_matches_float64_pytorch_ops(batch, channels, hidden, size, stride):
+    """At layer sizes (vector loops over 64 channels and whole hidden vectors) and on
+    stems, the kernel equals conv / patch norm, then the affine map and ReLU, in
+    float64 PyTorch ops."""
     generator = torch.Generator().manual_seed(channels + hidden)
-    x = torch.randn(6, channels, size, size, generator=generator).to(memory_format=torch.channels_last)
+    x = torch.randn(batch, channels, size, size, generator=generator).to(memory_format=torch.channels_last)
     weight = torch.randn(hidden, channels, 3, 3, generator=generator) / (3 * channels**0.5)
     scale, shift = torch.rand(hidden, generator=generator) + 0.5, torch.randn(hidden, generator=generator)
     x64, w64 = x.double(), weight.double()
@@ -179,6 +187,13 @@ def test_meta_hidden_matches_float64_pytorch_ops(channels, hidden, size, stride)
         )
 
 
+def test_the_meta_hidden_cases_cover_both_routes_and_streaming():
+    direct = [case for case in META_HIDDEN_CASES if case[1] <= fused.DIRECT_META_MAX_CHANNELS]
+    assert 0 < len(direct) < len(META_HIDDEN_CASES)
+    assert any(hidden % fused.VECTOR_LANES for _, _, hidden, _, _ in direct)
+    assert any(b * h * s * s * 4 > fused.STREAMED_OUTPUT_BYTES for b, _, h, s, _ in direct)
+
+
 def test_meta_hidden_applies_only_without_a_graph():
     x, weight = torch.randn(2, 3, 5, 5), torch.randn(8, 3, 3, 3)
     assert not fused.meta_hidden_applies(x, weight)  # grad mode on: autograd needs the PyTorch ops
@@ -187,10 +202,11 @@ def test_meta_hidden_applies_only_without_a_graph():
         assert not fused.meta_hidden_applies(x.double(), weight.double())  # float32 only
 
 
-def operators_run(layer: DynamicNSLConv2d, x: torch.Tensor) -> set[str]:
+def operators_run(layer: DynamicNSLConv2d, x: torch.Tensor) -> dict[str, int]:
+    """The operators one forward calls, with their counts."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as trace:
         layer(x)
-    return {event.key for event in trace.key_averages()}
+    return {event.key: event.count for event in trace.key_averages()}
 
 
 def test_evaluation_takes_the_kernels_and_training_the_pytorch_meta_network():
@@ -204,6 +220,17 @@ def test_evaluation_takes_the_kernels_and_training_the_pytorch_meta_network():
     recorded = operators_run(layer, x)
     assert "aten::native_batch_norm" not in evaluation and "_TapModulatedConv" not in evaluation
     assert "aten::native_batch_norm" in recorded and "_TapModulatedConv" in recorded
+    assert evaluation["aten::convolution"] == 2  # the meta-network's first and output convolutions
+    assert recorded["aten::convolution"] == 3  # and the energy's box sum
+
+
+def test_stem_evaluation_runs_the_meta_networks_first_convolution_in_the_kernel():
+    """On an image stem, only the meta-network's output convolution is left to oneDNN."""
+    layer = DynamicNSLConv2d(3, 16, hidden=4).eval()
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        assert operators_run(layer, x)["aten::convolution"] == 1
+    assert operators_run(layer, x)["aten::convolution"] == 3  # with a graph: energy, first and output convolutions
 
 
 @pytest.mark.parametrize("form", ["diagonal", "full"])

@@ -287,7 +287,8 @@ class DynamicNSLConv2d(NSLConvBase):
     (double backward, ``torch.func`` transforms, float64, GPUs, no compiler)
     :attr:`pytorch_path`. On the fused path a forward that records no graph
     (evaluation) also runs the meta-network's normalisation, BatchNorm and
-    ReLU in one kernel pass (:func:`fewshot_nsl.nsl.fused.meta_hidden`). By
+    ReLU in one kernel pass, on image stems its first convolution too
+    (:func:`fewshot_nsl.nsl.fused.meta_hidden`). By
     default fused, except full-form layers with at most
     ``PLANES_MAX_CHANNELS`` input channels (image stems), where the patch
     path was measured faster. ``chunk_elements`` bounds the patch path's

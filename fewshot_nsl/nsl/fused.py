@@ -3,7 +3,7 @@
 ``kernels/tap_modulated_conv.cpp`` builds each block of modulated patches in
 cache and multiplies it at once (see its header for why), and runs the
 meta-network's normalisation, BatchNorm and ReLU of an evaluation pass in one
-pass over memory (:func:`meta_hidden`). It is compiled by
+pass over memory, on image stems with its first convolution (:func:`meta_hidden`). It is compiled by
 ``torch.utils.cpp_extension`` the first time a dynamic NSL layer runs on CPU
 (once; the build is cached under ``TORCH_EXTENSIONS_DIR``, by
 default ``~/.cache/torch_extensions``). It needs a C++ compiler with OpenMP
@@ -42,6 +42,10 @@ VECTOR_LANES = 16
 # times them). 32 MiB: the last-level cache one core complex shares on current
 # x86 server parts (this machine's EPYC; glibc reports the whole package's).
 STREAMED_OUTPUT_BYTES = 32 << 20
+# Input channels up to which meta_hidden runs the meta-network's first
+# convolution in the kernel too: the grey and colour image stems, whose
+# `meta-network` rows benchmarks/nsl_layer_overhead.py times.
+DIRECT_META_MAX_CHANNELS = 3
 
 
 @functools.cache
@@ -139,18 +143,28 @@ def meta_hidden(
     scale: torch.Tensor | None = None,
     shift: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The meta-network's first stage: ``conv(x, weight)`` (oneDNN) divided by
-    the patch norm ``sqrt(sum_{c,taps} x**2 + eps)``, then, with ``scale`` and
+    """The meta-network's first stage: ``conv(x, weight)`` divided by the
+    patch norm ``sqrt(sum_{c,taps} x**2 + eps)``, then, with ``scale`` and
     ``shift`` (BatchNorm on running statistics, per channel),
-    ``relu(u * scale + shift)``; the normalisation and what follows run in one
-    kernel pass. ``x`` is (B, C, H, W), ``weight`` (h, C, k, k); returns
-    (B, h, Ho, Wo), channels_last."""
+    ``relu(u * scale + shift)``. The convolution is oneDNN's and the rest one
+    kernel pass, except on inputs of at most ``DIRECT_META_MAX_CHANNELS``
+    channels (image stems), where the kernel computes the convolution as well,
+    from the same patch rows that give the energy. ``x`` is (B, C, H, W),
+    ``weight`` (h, C, k, k); returns (B, h, Ho, Wo), channels_last."""
     kernel = extension()
     assert kernel is not None, "call meta_hidden_applies() first"
+    hidden, channels, k, _ = weight.shape
+    affine = (scale.contiguous(), shift.contiguous()) if scale is not None and shift is not None else (None, None)
+    if channels <= DIRECT_META_MAX_CHANNELS:
+        # Zero columns up to whole vectors; the kernel writes the first `hidden`.
+        columns = F.pad(tap_matrix(weight), (0, -hidden % VECTOR_LANES)).contiguous()
+        out_h, out_w = ((side + 2 * padding - k) // stride + 1 for side in x.shape[2:])
+        stream = x.shape[0] * out_h * out_w * hidden * x.element_size() > STREAMED_OUTPUT_BYTES
+        u = kernel.meta_hidden_direct(_nhwc(x), columns, hidden, k, stride, padding, eps, *affine, stream)
+        return u.permute(0, 3, 1, 2)
     x = _nhwc(x).permute(0, 3, 1, 2)  # channels_last: oneDNN then writes u NHWC
     u = F.conv2d(x, weight, None, stride, padding).permute(0, 2, 3, 1).contiguous()
-    affine = (scale.contiguous(), shift.contiguous()) if scale is not None and shift is not None else (None, None)
-    kernel.meta_normalize(x.permute(0, 2, 3, 1), u, weight.shape[-1], stride, padding, eps, *affine)
+    kernel.meta_normalize(x.permute(0, 2, 3, 1), u, k, stride, padding, eps, *affine)
     return u.permute(0, 3, 1, 2)
 
 

@@ -1,6 +1,7 @@
 // Fused CPU kernels of dynamic NSL (fewshot_nsl/nsl/fused.py): the
 // tap-modulated convolution, forward and backward, and the meta-network's
-// normalisation for evaluation (meta_normalize, at the end).
+// first stage for evaluation (meta_normalize and, on image stems,
+// meta_hidden_direct, at the end).
 //
 //   y[b,p,o] = sum_{t,c} a[b,p,t*C+c] w[t*C+c,o],
 //   a[b,p,t*C+c] = sum_j m[b,p,t,j] x[b,p*s+d_j,c]   (full form; diagonal: m[b,p,t] x[b,p*s+d_t,c])
@@ -43,6 +44,9 @@ constexpr long kPositionBlock = 24;  // output positions whose patches are built
 // Backward: more positions per block, so that the weight gradient's partial
 // sums (T*C x O, in L2) are loaded and stored once per more GEMM work.
 constexpr long kBackwardPositionBlock = 96;
+// The meta-network's first stage on an image stem (meta_hidden_direct):
+// patch rows of 9 or 27 values, so more positions per block.
+constexpr long kStemPositionBlock = 96;
 
 inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof(vf)); return v; }
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(vf)); }
@@ -218,20 +222,21 @@ Geometry geometry(const torch::Tensor& x, const torch::Tensor& m, long k, long s
   return geometry(x, m.size(1), m.size(2), k, stride, padding, out_channels, m.dim() == 5);
 }
 
-// Modulated patch rows of output positions [q0, q0 + count) into A (count x T*C).
+// Modulated patch rows of output positions [q0, q0 + count) into A (count x T*C);
+// with m null (diagonal geometry only), the plain patch rows.
 void build_patch_rows(const Geometry& g, const float* x, const float* m, long q0, long count, float* A) {
   const long C = g.channels, T = g.taps;
   std::vector<long> offsets(T);
   Position pos = g.position(q0);
   for (long i = 0; i < count; ++i, g.advance(pos)) {
     g.sources(pos, offsets.data());
-    const float* mp = m + (q0 + i) * g.sim_size();
+    const float* mp = m ? m + (q0 + i) * g.sim_size() : nullptr;
     float* row = A + i * g.depth();
     for (long t = 0; t < T; ++t) {
       float* out = row + t * C;
       if (!g.full) {
         const long src = offsets[t];
-        const float gain = mp[t];
+        const float gain = mp ? mp[t] : 1.f;
         if (src < 0) std::fill(out, out + C, 0.f);
         else for (long c = 0; c < C; ++c) out[c] = gain * x[src + c];
         continue;
@@ -251,15 +256,16 @@ void build_patch_rows(const Geometry& g, const float* x, const float* m, long q0
 // The same rows for a diagonal 3x3 image stem (CC = 1 or 3 channels), where a
 // row is only 9 or 27 values, so the generic loop's per-tap bookkeeping is
 // most of the work: a window inside the image is copied straight-line, with
-// every size a compile-time constant.
+// every size a compile-time constant. m null: the plain patch rows.
 template <long CC>
 void build_stem_patch_rows(const Geometry& g, const float* x, const float* m, long q0, long count, float* A) {
   constexpr long K = 3, T = K * K;
+  constexpr float ones[T] = {1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f};
   std::vector<long> offsets(T);
   const long line = g.in_w * CC;  // one input row of the window
   Position pos = g.position(q0);
   for (long i = 0; i < count; ++i, g.advance(pos)) {
-    const float* mp = m + (q0 + i) * T;
+    const float* mp = m ? m + (q0 + i) * T : ones;
     float* row = A + i * T * CC;
     if (g.interior(pos)) {
       const float* window = x + g.corner(pos);
@@ -403,6 +409,31 @@ std::vector<torch::Tensor> tap_modulated_backward(torch::Tensor x, torch::Tensor
   return {grad_x, grad_w, grad_m};
 }
 
+// One position's hidden activations from its raw ones: times the inverse
+// patch norm, then (scale and shift given) the affine map and the ReLU.
+// `in` may be `out`.
+inline void finish_hidden(const float* in, float* out, long hidden, float norm, const float* scale,
+                          const float* shift, Write write = Write::overwrite) {
+  if (write == Write::stream) {  // hidden in whole vectors, out 64-byte aligned
+    for (long j = 0; j < hidden; j += kLanes) {
+      vf v = load(in + j) * norm;
+      if (scale) {
+        v = v * load(scale + j) + load(shift + j);
+        v = v > 0.f ? v : vf{};
+      }
+      stream(out + j, v);
+    }
+    return;
+  }
+  if (scale) {
+#pragma omp simd
+    for (long j = 0; j < hidden; ++j) out[j] = std::max(0.f, in[j] * norm * scale[j] + shift[j]);
+  } else {
+#pragma omp simd
+    for (long j = 0; j < hidden; ++j) out[j] = in[j] * norm;
+  }
+}
+
 // The meta-network's normalisation (DynamicNSLConv2d.similarity), in place on
 // u = conv(x, v), forward only:
 //   u[b,p,j] <- u[b,p,j] / sqrt(sum_{t,c} x[b,p*s+d_t,c]^2 + eps),
@@ -443,22 +474,63 @@ void meta_normalize(torch::Tensor x, torch::Tensor u, int64_t k, int64_t stride,
         g.sources(pos, offsets.data());
         float energy = 0.f;
         for (long t = 0; t < g.taps; ++t) energy += offsets[t] < 0 ? 0.f : sp[offsets[t]];
-        const float norm = 1.f / std::sqrt(energy + epsilon);
         float* row = up + q * hidden;
-        if (scale_p) {
-#pragma omp simd
-          for (long j = 0; j < hidden; ++j) row[j] = std::max(0.f, row[j] * norm * scale_p[j] + shift_p[j]);
-        } else {
-#pragma omp simd
-          for (long j = 0; j < hidden; ++j) row[j] *= norm;
-        }
+        finish_hidden(row, row, hidden, 1.f / std::sqrt(energy + epsilon), scale_p, shift_p);
       }
     }
   });
+}
+
+// The meta-network's whole first stage, for inputs of few channels (image
+// stems), forward only: u[b,p,:] = finish_hidden(patch(b,p) v, 1 / sqrt(|patch(b,p)|^2 + eps)).
+// There a patch row is 9 or 27 values: the plain patch rows of a block of
+// positions are built in cache (build_patches with no similarity), give the
+// patch energy as their squared norms, and meet v in the micro-kernel, where
+// oneDNN's convolution to a few hidden channels and a separate energy pass
+// would each go over memory. v is tap-major (T*C, hidden rounded up to whole
+// vectors, zero columns beyond hidden); returns u NHWC (B, Ho, Wo, hidden).
+torch::Tensor meta_hidden_direct(torch::Tensor x, torch::Tensor v, int64_t hidden, int64_t k, int64_t stride,
+                                 int64_t padding, double eps, std::optional<torch::Tensor> scale,
+                                 std::optional<torch::Tensor> shift, bool stream_output) {
+  const long out_h = (x.size(1) + 2 * padding - k) / stride + 1, out_w = (x.size(2) + 2 * padding - k) / stride + 1;
+  const Geometry g = geometry(x, out_h, out_w, k, stride, padding, v.size(1), false);
+  const long D = g.depth(), padded = v.size(1);
+  auto u = torch::empty({g.batch, out_h, out_w, hidden}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const float* scale_p = scale ? scale->data_ptr<float>() : nullptr;
+  const float* shift_p = shift ? shift->data_ptr<float>() : nullptr;
+  float* up = u.data_ptr<float>();
+  const float epsilon = static_cast<float>(eps);
+  const Write write = stream_output && hidden % kLanes == 0 ? Write::stream : Write::overwrite;
+  const long total = g.batch * g.positions(), blocks = (total + kStemPositionBlock - 1) / kStemPositionBlock;
+  at::parallel_for(0, blocks, 1, [&](long begin, long end) {
+    std::vector<float> patches(kStemPositionBlock * D), raw(kStemPositionBlock * padded);
+    for (long block = begin; block < end; ++block) {
+      const long q0 = block * kStemPositionBlock, count = std::min(kStemPositionBlock, total - q0);
+      build_patches(g, xp, nullptr, q0, count, patches.data());
+      gemm(count, padded, D, patches.data(), D, 1, vp, padded, raw.data(), padded, Write::overwrite);
+      for (long i = 0; i < count; ++i) {
+        const float* row = patches.data() + i * D;
+        // Four partial sums: short dependency chains.
+        float part[4] = {0.f, 0.f, 0.f, 0.f};
+        long d = 0;
+        for (; d + 4 <= D; d += 4)
+          for (long j = 0; j < 4; ++j) part[j] += row[d + j] * row[d + j];
+        for (; d < D; ++d) part[0] += row[d] * row[d];
+        const float energy = (part[0] + part[1]) + (part[2] + part[3]);
+        finish_hidden(raw.data() + i * padded, up + (q0 + i) * hidden, hidden, 1.f / std::sqrt(energy + epsilon),
+                      scale_p, shift_p, write);
+      }
+    }
+    if (write == Write::stream) stream_fence();
+  });
+  return u;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("forward", &tap_modulated_forward, "tap-modulated convolution, fused (CPU, float32)");
   module.def("backward", &tap_modulated_backward, "its input, weight and similarity gradients");
   module.def("meta_normalize", &meta_normalize, "the meta-network's normalisation, in place (CPU, float32)");
+  module.def("meta_hidden_direct", &meta_hidden_direct, "the meta-network's first stage on few channels (CPU, float32)");
 }
