@@ -120,6 +120,53 @@ class _ChannelSquares(torch.autograd.Function):
         return (x_nhwc * (2 * grad).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
+def _normalised_conv_ops(
+    x: torch.Tensor, weight: torch.Tensor, energy_kernel: torch.Tensor, eps: float, stride: int, padding: int
+) -> torch.Tensor:
+    """The meta-network's first stage in PyTorch ops: ``conv(x, weight)`` divided
+    by the patch norm, the energy being a 1-channel box sum of ``sum_c x**2``
+    (see _ChannelSquares)."""
+    energy = F.conv2d(_ChannelSquares.apply(x), energy_kernel, None, stride, padding)
+    return F.conv2d(x, weight, None, stride, padding) * torch.rsqrt(energy + eps)
+
+
+class _NormalisedConv(torch.autograd.Function):
+    """:func:`_normalised_conv_ops` for training on the fused path: the forward
+    and a backward that builds no graph run the kernels
+    (:func:`fewshot_nsl.nsl.fused.normalised_conv`), where autograd would take
+    a squares pass, a box-sum convolution, an rsqrt and a product, each with
+    its backward, and add three input gradients. A backward that builds a
+    graph (MAML's second order) differentiates the PyTorch ops instead, on the
+    saved inputs, so the result stays differentiable. ``torch.func`` calls
+    never get here (``fused.meta_serves`` refuses their tensors).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, energy_kernel: torch.Tensor, eps: float, stride: int, padding: int
+    ) -> torch.Tensor:
+        hidden, norms = fused.normalised_conv(x, weight, eps, stride, padding)
+        ctx.save_for_backward(x, weight, energy_kernel, hidden, norms)
+        ctx.eps, ctx.stride, ctx.padding = eps, stride, padding
+        return hidden
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        x, weight, energy_kernel, hidden, norms = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:2]
+        if torch.is_grad_enabled():
+            with torch.enable_grad():
+                recomputed = _normalised_conv_ops(x, weight, energy_kernel, ctx.eps, ctx.stride, ctx.padding)
+            wanted = [tensor for tensor, need in zip((x, weight), needs) if need]
+            grads = iter(torch.autograd.grad(recomputed, wanted, grad, create_graph=True))
+            grad_x, grad_w = (next(grads) if need else None for need in needs)
+        else:
+            grad_x, grad_w = fused.normalised_conv_backward(
+                x, weight, hidden, norms, grad, ctx.stride, ctx.padding, needs
+            )
+        return grad_x, grad_w, None, None, None, None
+
+
 def _fused_output(
     x: torch.Tensor, weight: torch.Tensor, sim: torch.Tensor, stride: int, padding: int, nhwc_out: bool
 ) -> torch.Tensor:
@@ -288,7 +335,8 @@ class DynamicNSLConv2d(NSLConvBase):
     :attr:`pytorch_path`. On the fused path a forward that records no graph
     (evaluation) also runs the meta-network's normalisation, BatchNorm and
     ReLU in one kernel pass, on image stems its first convolution too
-    (:func:`fewshot_nsl.nsl.fused.meta_hidden`). By
+    (:func:`fewshot_nsl.nsl.fused.meta_hidden`); in training the
+    normalisation and its gradients run in the kernels (``_NormalisedConv``). By
     default fused, except full-form layers with at most
     ``PLANES_MAX_CHANNELS`` input channels (image stems), where the patch
     path was measured faster. ``chunk_elements`` bounds the patch path's
@@ -336,13 +384,13 @@ class DynamicNSLConv2d(NSLConvBase):
         being ``M9[i, j]``.
         """
         x = to_channels_last(x)
-        if self.path == "fused" and fused.meta_hidden_applies(x, self.meta_conv.weight):
+        weight = self.meta_conv.weight
+        kernels = self.path == "fused" and fused.meta_serves(x, weight)
+        if kernels and not torch.is_grad_enabled():
             hidden = self._fused_hidden(x)
         else:
-            # Patch energy: a 1-channel box sum of sum_c x**2 (see _ChannelSquares).
-            squares = _ChannelSquares.apply(x)
-            energy = F.conv2d(squares, self.energy_kernel, None, self.stride, self.padding)
-            h = self.meta_conv(x) * torch.rsqrt(energy + self.energy_eps)
+            stage = _NormalisedConv.apply if kernels else _normalised_conv_ops
+            h = stage(x, weight, self.energy_kernel, self.energy_eps, self.stride, self.padding)
             hidden = F.relu(self.meta_bn(h), inplace=True)
         # I + G(x): the identity joins the output convolution's bias, so it is
         # added inside that convolution instead of in a pass of its own.

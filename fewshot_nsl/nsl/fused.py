@@ -2,8 +2,10 @@
 
 ``kernels/tap_modulated_conv.cpp`` builds each block of modulated patches in
 cache and multiplies it at once (see its header for why), and runs the
-meta-network's normalisation, BatchNorm and ReLU of an evaluation pass in one
-pass over memory, on image stems with its first convolution (:func:`meta_hidden`). It is compiled by
+meta-network's first stage: in evaluation its normalisation, BatchNorm and
+ReLU in one pass over memory, on image stems with its first convolution
+(:func:`meta_hidden`); in training the normalisation and the patch energy's
+gradient (:func:`normalised_conv` and its backward). It is compiled by
 ``torch.utils.cpp_extension`` the first time a dynamic NSL layer runs on CPU
 (once; the build is cached under ``TORCH_EXTENSIONS_DIR``, by
 default ``~/.cache/torch_extensions``). It needs a C++ compiler with OpenMP
@@ -11,7 +13,7 @@ default ``~/.cache/torch_extensions``). It needs a C++ compiler with OpenMP
 warning says why. ``FEWSHOT_NSL_FUSED=0`` turns the kernels off.
 
 The kernels are not differentiable, so they serve only the calls where that
-is not needed: a forward, and a backward that builds no graph (the
+is not needed: a forward, and a backward that builds no graph (evaluation's
 meta-network kernel: a forward that records no graph at all). Double
 backward (MAML's second order) and ``torch.func`` transforms take the PyTorch
 path, which computes the same function.
@@ -107,10 +109,16 @@ def applies(x: torch.Tensor, weight: torch.Tensor, sim: torch.Tensor) -> bool:
     return _served(x, weight, sim) and weight.shape[0] % VECTOR_LANES == 0 and extension() is not None
 
 
+def meta_serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the meta-network kernels (:func:`meta_hidden`,
+    :func:`normalised_conv` and its backward) can take these tensors."""
+    return _served(x, weight) and extension() is not None
+
+
 def meta_hidden_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether :func:`meta_hidden` can compute this call: no graph is being
-    recorded (the kernel has no backward) and the kernels serve the tensors."""
-    return not torch.is_grad_enabled() and _served(x, weight) and extension() is not None
+    recorded (it has no backward) and the kernels serve the tensors."""
+    return not torch.is_grad_enabled() and meta_serves(x, weight)
 
 
 def _nhwc(tensor: torch.Tensor) -> torch.Tensor:
@@ -151,21 +159,83 @@ def meta_hidden(
     channels (image stems), where the kernel computes the convolution as well,
     from the same patch rows that give the energy. ``x`` is (B, C, H, W),
     ``weight`` (h, C, k, k); returns (B, h, Ho, Wo), channels_last."""
-    kernel = extension()
-    assert kernel is not None, "call meta_hidden_applies() first"
-    hidden, channels, k, _ = weight.shape
     affine = (scale.contiguous(), shift.contiguous()) if scale is not None and shift is not None else (None, None)
+    return _first_stage(x, weight, eps, stride, padding, *affine, norms=None)
+
+
+def normalised_conv(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, stride: int, padding: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training's forward of the meta-network's first stage: ``conv(x, weight)``
+    divided by the patch norm (as :func:`meta_hidden`, without BatchNorm), and
+    the inverse patch norms (B, Ho, Wo) that :func:`normalised_conv_backward` needs."""
+    out_h, out_w = _output_size(x, weight, stride, padding)
+    norms = x.new_empty(x.shape[0], out_h, out_w)
+    return _first_stage(x, weight, eps, stride, padding, None, None, norms=norms), norms
+
+
+def _output_size(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> tuple[int, int]:
+    k = weight.shape[-1]
+    return (x.shape[2] + 2 * padding - k) // stride + 1, (x.shape[3] + 2 * padding - k) // stride + 1
+
+
+def _first_stage(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    stride: int,
+    padding: int,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    norms: torch.Tensor | None,
+) -> torch.Tensor:
+    """:func:`meta_hidden`'s work; the inverse patch norms go to ``norms`` where given."""
+    kernel = extension()
+    assert kernel is not None, "call meta_serves() first"
+    hidden, channels, k, _ = weight.shape
     if channels <= DIRECT_META_MAX_CHANNELS:
         # Zero columns up to whole vectors; the kernel writes the first `hidden`.
         columns = F.pad(tap_matrix(weight), (0, -hidden % VECTOR_LANES)).contiguous()
-        out_h, out_w = ((side + 2 * padding - k) // stride + 1 for side in x.shape[2:])
+        out_h, out_w = _output_size(x, weight, stride, padding)
         stream = x.shape[0] * out_h * out_w * hidden * x.element_size() > STREAMED_OUTPUT_BYTES
-        u = kernel.meta_hidden_direct(_nhwc(x), columns, hidden, k, stride, padding, eps, *affine, stream)
+        u = kernel.meta_hidden_direct(_nhwc(x), columns, hidden, k, stride, padding, eps, scale, shift, norms, stream)
         return u.permute(0, 3, 1, 2)
     x = _nhwc(x).permute(0, 3, 1, 2)  # channels_last: oneDNN then writes u NHWC
     u = F.conv2d(x, weight, None, stride, padding).permute(0, 2, 3, 1).contiguous()
-    kernel.meta_normalize(x.permute(0, 2, 3, 1), u, k, stride, padding, eps, *affine)
+    kernel.meta_normalize(x.permute(0, 2, 3, 1), u, k, stride, padding, eps, scale, shift, norms)
     return u.permute(0, 3, 1, 2)
+
+
+def normalised_conv_backward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    hidden: torch.Tensor,
+    norms: torch.Tensor,
+    grad_hidden: torch.Tensor,
+    stride: int,
+    padding: int,
+    needs: tuple[bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of :func:`normalised_conv` for ``x`` (channels_last) and
+    ``weight``, each ``None`` where ``needs`` says it is not wanted: one kernel
+    pass gives the convolution's output gradient and the energy's; oneDNN's
+    convolution backward takes the first, and the second joins the input
+    gradient in place (no separate tensor for autograd to add)."""
+    kernel = extension()
+    assert kernel is not None, "call meta_serves() first"
+    need_x, need_w = needs
+    grad_u, grad_energy = kernel.meta_normalize_backward(_nhwc(grad_hidden), _nhwc(hidden), norms)
+    x_nhwc = _nhwc(x)
+    k = weight.shape[-1]
+    grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+        grad_u.permute(0, 3, 1, 2), x_nhwc.permute(0, 3, 1, 2), weight, None,
+        [stride, stride], [padding, padding], [1, 1], False, [0, 0], 1, [need_x, need_w, False],
+    )  # fmt: skip
+    if need_x:
+        grad_x = _nhwc(grad_x)
+        kernel.add_energy_gradient(x_nhwc, grad_x, grad_energy, k, stride, padding)
+        grad_x = grad_x.permute(0, 3, 1, 2)
+    return (grad_x if need_x else None), (grad_w if need_w else None)
 
 
 def backward(

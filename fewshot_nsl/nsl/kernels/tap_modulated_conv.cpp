@@ -1,7 +1,8 @@
 // Fused CPU kernels of dynamic NSL (fewshot_nsl/nsl/fused.py): the
 // tap-modulated convolution, forward and backward, and the meta-network's
-// first stage for evaluation (meta_normalize and, on image stems,
-// meta_hidden_direct, at the end).
+// first stage (at the end): meta_normalize and, on image stems,
+// meta_hidden_direct, forward; meta_normalize_backward and
+// add_energy_gradient, the normalisation's gradients in training.
 //
 //   y[b,p,o] = sum_{t,c} a[b,p,t*C+c] w[t*C+c,o],
 //   a[b,p,t*C+c] = sum_j m[b,p,t,j] x[b,p*s+d_j,c]   (full form; diagonal: m[b,p,t] x[b,p*s+d_t,c])
@@ -205,16 +206,26 @@ struct Geometry {
   }
 };
 
-Geometry geometry(const torch::Tensor& x, long out_h, long out_w, long k, long stride, long padding,
-                  long out_channels, bool full) {
-  Geometry g{x.size(0), x.size(1), x.size(2), x.size(3), out_h, out_w, k, stride, padding, k * k,
-             out_channels, full, {}, {}, {}};
+Geometry geometry(long batch, long in_h, long in_w, long channels, long out_h, long out_w, long k, long stride,
+                  long padding, long out_channels, bool full) {
+  Geometry g{batch, in_h, in_w, channels, out_h, out_w, k, stride, padding, k * k, out_channels, full, {}, {}, {}};
   for (long t = 0; t < g.taps; ++t) {
     g.tap_row.push_back(t / k);
     g.tap_col.push_back(t % k);
     g.tap_delta.push_back((t / k * g.in_w + t % k) * g.channels);
   }
   return g;
+}
+
+Geometry geometry(const torch::Tensor& x, long out_h, long out_w, long k, long stride, long padding,
+                  long out_channels, bool full) {
+  return geometry(x.size(0), x.size(1), x.size(2), x.size(3), out_h, out_w, k, stride, padding, out_channels, full);
+}
+
+// The geometry of x's one-channel map of per-pixel values (its channel
+// squares): its taps' offsets are pixel indices.
+Geometry pixel_geometry(const torch::Tensor& x, long out_h, long out_w, long k, long stride, long padding) {
+  return geometry(x.size(0), x.size(1), x.size(2), 1, out_h, out_w, k, stride, padding, 1, false);
 }
 
 Geometry geometry(const torch::Tensor& x, const torch::Tensor& m, long k, long stride, long padding,
@@ -444,7 +455,8 @@ inline void finish_hidden(const float* in, float* out, long hidden, float norm, 
 // pixel's channel squares, once) and one over u. x is NHWC (B, H, W, C), u
 // NHWC (B, Ho, Wo, h).
 void meta_normalize(torch::Tensor x, torch::Tensor u, int64_t k, int64_t stride, int64_t padding, double eps,
-                    std::optional<torch::Tensor> scale, std::optional<torch::Tensor> shift) {
+                    std::optional<torch::Tensor> scale, std::optional<torch::Tensor> shift,
+                    std::optional<torch::Tensor> norms) {
   const long pixels = x.size(0) * x.size(1) * x.size(2), C = x.size(3), hidden = u.size(3);
   auto squares = torch::empty({x.size(0), x.size(1), x.size(2), 1}, x.options());
   const float* xp = x.data_ptr<float>();
@@ -458,11 +470,11 @@ void meta_normalize(torch::Tensor x, torch::Tensor u, int64_t k, int64_t stride,
       sp[i] = sum;
     }
   });
-  // The squares map is a one-channel image: its taps' offsets are its pixels.
-  const Geometry g = geometry(squares, u.size(1), u.size(2), k, stride, padding, hidden, false);
+  const Geometry g = pixel_geometry(x, u.size(1), u.size(2), k, stride, padding);
   const float* scale_p = scale ? scale->data_ptr<float>() : nullptr;
   const float* shift_p = shift ? shift->data_ptr<float>() : nullptr;
   float* up = u.data_ptr<float>();
+  float* np = norms ? norms->data_ptr<float>() : nullptr;
   const float epsilon = static_cast<float>(eps);
   const long total = g.batch * g.positions(), blocks = (total + kPositionBlock - 1) / kPositionBlock;
   at::parallel_for(0, blocks, 1, [&](long begin, long end) {
@@ -475,7 +487,9 @@ void meta_normalize(torch::Tensor x, torch::Tensor u, int64_t k, int64_t stride,
         float energy = 0.f;
         for (long t = 0; t < g.taps; ++t) energy += offsets[t] < 0 ? 0.f : sp[offsets[t]];
         float* row = up + q * hidden;
-        finish_hidden(row, row, hidden, 1.f / std::sqrt(energy + epsilon), scale_p, shift_p);
+        const float norm = 1.f / std::sqrt(energy + epsilon);
+        if (np) np[q] = norm;
+        finish_hidden(row, row, hidden, norm, scale_p, shift_p);
       }
     }
   });
@@ -491,7 +505,8 @@ void meta_normalize(torch::Tensor x, torch::Tensor u, int64_t k, int64_t stride,
 // vectors, zero columns beyond hidden); returns u NHWC (B, Ho, Wo, hidden).
 torch::Tensor meta_hidden_direct(torch::Tensor x, torch::Tensor v, int64_t hidden, int64_t k, int64_t stride,
                                  int64_t padding, double eps, std::optional<torch::Tensor> scale,
-                                 std::optional<torch::Tensor> shift, bool stream_output) {
+                                 std::optional<torch::Tensor> shift, std::optional<torch::Tensor> norms,
+                                 bool stream_output) {
   const long out_h = (x.size(1) + 2 * padding - k) / stride + 1, out_w = (x.size(2) + 2 * padding - k) / stride + 1;
   const Geometry g = geometry(x, out_h, out_w, k, stride, padding, v.size(1), false);
   const long D = g.depth(), padded = v.size(1);
@@ -501,6 +516,7 @@ torch::Tensor meta_hidden_direct(torch::Tensor x, torch::Tensor v, int64_t hidde
   const float* scale_p = scale ? scale->data_ptr<float>() : nullptr;
   const float* shift_p = shift ? shift->data_ptr<float>() : nullptr;
   float* up = u.data_ptr<float>();
+  float* np = norms ? norms->data_ptr<float>() : nullptr;
   const float epsilon = static_cast<float>(eps);
   const Write write = stream_output && hidden % kLanes == 0 ? Write::stream : Write::overwrite;
   const long total = g.batch * g.positions(), blocks = (total + kStemPositionBlock - 1) / kStemPositionBlock;
@@ -519,8 +535,9 @@ torch::Tensor meta_hidden_direct(torch::Tensor x, torch::Tensor v, int64_t hidde
           for (long j = 0; j < 4; ++j) part[j] += row[d + j] * row[d + j];
         for (; d < D; ++d) part[0] += row[d] * row[d];
         const float energy = (part[0] + part[1]) + (part[2] + part[3]);
-        finish_hidden(raw.data() + i * padded, up + (q0 + i) * hidden, hidden, 1.f / std::sqrt(energy + epsilon),
-                      scale_p, shift_p, write);
+        const float norm = 1.f / std::sqrt(energy + epsilon);
+        if (np) np[q0 + i] = norm;
+        finish_hidden(raw.data() + i * padded, up + (q0 + i) * hidden, hidden, norm, scale_p, shift_p, write);
       }
     }
     if (write == Write::stream) stream_fence();
@@ -528,9 +545,79 @@ torch::Tensor meta_hidden_direct(torch::Tensor x, torch::Tensor v, int64_t hidde
   return u;
 }
 
+// Backward of the normalisation h = u * r, r = 1 / sqrt(e + eps) the inverse
+// patch norm of each position (the norms meta_normalize wrote), given dh:
+//   du[p,j] = dh[p,j] r[p],
+//   de[p]   = -r[p]^2 / 2 * sum_j dh[p,j] h[p,j]
+// (dL/dr = sum_j dh u = sum_j dh h / r, and dr/de = -r^3 / 2): one pass over
+// dh and h. All NHWC: dh and h (B, Ho, Wo, hidden), r (B, Ho, Wo).
+std::vector<torch::Tensor> meta_normalize_backward(torch::Tensor dh, torch::Tensor h, torch::Tensor norms) {
+  const long total = norms.numel(), hidden = h.size(3);
+  auto du = torch::empty_like(h);
+  auto de = torch::empty_like(norms);
+  const float* dhp = dh.data_ptr<float>();
+  const float* hp = h.data_ptr<float>();
+  const float* np = norms.data_ptr<float>();
+  float* dup = du.data_ptr<float>();
+  float* dep = de.data_ptr<float>();
+  at::parallel_for(0, total, 256, [&](long begin, long end) {
+    for (long q = begin; q < end; ++q) {
+      const float* g = dhp + q * hidden;
+      const float* row = hp + q * hidden;
+      float* out = dup + q * hidden;
+      const float norm = np[q];
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (long j = 0; j < hidden; ++j) {
+        dot += g[j] * row[j];
+        out[j] = g[j] * norm;
+      }
+      dep[q] = -0.5f * norm * norm * dot;
+    }
+  });
+  return {du, de};
+}
+
+// Adds the patch energy's share to dx, in place: the energy of position p is
+// the sum over its window of the pixels' channel squares, so
+//   dx[b,pixel,c] += 2 x[b,pixel,c] * sum_{p whose window holds the pixel} de[b,p].
+// Each sample's window sums are scattered into a per-thread map, then applied
+// in one pass over the sample. x, dx NHWC (B, H, W, C), de (B, Ho, Wo).
+void add_energy_gradient(torch::Tensor x, torch::Tensor dx, torch::Tensor de, int64_t k, int64_t stride,
+                         int64_t padding) {
+  const Geometry g = pixel_geometry(x, de.size(1), de.size(2), k, stride, padding);
+  const long C = x.size(3), pixels = g.in_h * g.in_w;
+  const float* xp = x.data_ptr<float>();
+  const float* dep = de.data_ptr<float>();
+  float* dxp = dx.data_ptr<float>();
+  at::parallel_for(0, g.batch, 1, [&](long begin, long end) {
+    std::vector<float> window_sums(pixels);
+    std::vector<long> offsets(g.taps);
+    for (long b = begin; b < end; ++b) {
+      std::fill(window_sums.begin(), window_sums.end(), 0.f);
+      const long first = b * g.positions(), sample_start = b * pixels;
+      Position pos = g.position(first);
+      for (long q = first; q < first + g.positions(); ++q, g.advance(pos)) {
+        g.sources(pos, offsets.data());
+        for (long t = 0; t < g.taps; ++t)
+          if (offsets[t] >= 0) window_sums[offsets[t] - sample_start] += dep[q];
+      }
+      for (long i = 0; i < pixels; ++i) {
+        const float gain = 2.f * window_sums[i];
+        const float* row = xp + (sample_start + i) * C;
+        float* out = dxp + (sample_start + i) * C;
+#pragma omp simd
+        for (long c = 0; c < C; ++c) out[c] += gain * row[c];
+      }
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("forward", &tap_modulated_forward, "tap-modulated convolution, fused (CPU, float32)");
   module.def("backward", &tap_modulated_backward, "its input, weight and similarity gradients");
   module.def("meta_normalize", &meta_normalize, "the meta-network's normalisation, in place (CPU, float32)");
   module.def("meta_hidden_direct", &meta_hidden_direct, "the meta-network's first stage on few channels (CPU, float32)");
+  module.def("meta_normalize_backward", &meta_normalize_backward, "the normalisation's backward (CPU, float32)");
+  module.def("add_energy_gradient", &add_energy_gradient, "the patch energy's input gradient, added (CPU, float32)");
 }
