@@ -161,10 +161,12 @@ def test_evaluation_meta_network_matches_its_definition_computed_by_loops(channe
 
 
 # Above DIRECT_META_MAX_CHANNELS: oneDNN's convolution, then the kernel; at or below
-# it (stems): the kernel alone, with hidden in whole vectors or not (20), and a
-# hidden output past STREAMED_OUTPUT_BYTES (streaming stores).
+# it (stems): the kernel alone (3 channels: windows read in place between patch-row
+# borders; 1 channel: patch rows), with hidden in whole vectors or not (20), stride 2,
+# an image smaller than the kernel's reach (2x2: no window inside it), and a hidden
+# output past STREAMED_OUTPUT_BYTES (streaming stores).
 META_HIDDEN_CASES = [(6, 64, 16, 14, 1), (6, 64, 24, 9, 2), (6, 5, 16, 9, 1), (6, 3, 32, 21, 1), (6, 1, 20, 9, 2),
-                     (6, 4, 16, 7, 1), (180, 1, 64, 28, 1)]  # fmt: skip
+                     (6, 3, 20, 10, 2), (6, 3, 16, 2, 1), (6, 4, 16, 7, 1), (180, 1, 64, 28, 1)]  # fmt: skip
 
 
 @pytest.mark.parametrize("batch,channels,hidden,size,stride", META_HIDDEN_CASES)

@@ -45,9 +45,10 @@ constexpr long kPositionBlock = 24;  // output positions whose patches are built
 // Backward: more positions per block, so that the weight gradient's partial
 // sums (T*C x O, in L2) are loaded and stored once per more GEMM work.
 constexpr long kBackwardPositionBlock = 96;
-// The meta-network's first stage on an image stem (meta_hidden_direct):
-// patch rows of 9 or 27 values, so more positions per block.
-constexpr long kStemPositionBlock = 96;
+// Kernel-row segments (k*C values) from which meta_hidden_direct reads
+// windows in place rather than from patch rows: 3-channel stems' 9 values
+// ran faster in place, 1-channel stems' 3 slower (scratch timings).
+constexpr long kMinWindowSegment = 8;
 
 inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof(vf)); return v; }
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(vf)); }
@@ -150,6 +151,70 @@ void gemm(long M, long N, long K, const float* A, long sa, long sk, const float*
         case 2: gemm_panel<2>(M, a, sa, sk, b, ldb, depth, y, ldy, acc); break;
         default: gemm_panel<1>(M, a, sa, sk, b, ldb, depth, y, ldy, acc); break;
       }
+    }
+  }
+}
+
+// Y[MR x NV*16] = sum_r A_r[MR x L] B_r[L x NV*16] over `segments` pieces r,
+// A_r's element (i, l) at A[r*segment_stride + i*sa + l] and the B_r one
+// after another in B: a convolution window read in place from an NHWC image,
+// a segment being one kernel row (k*C contiguous values per position, sa
+// apart from one position to the next), so no patch rows are built.
+template <int MR, int NV>
+void micro_windows(const float* A, long sa, long segment_stride, long segments, long L, const float* B, long ldb,
+                   float* Y, long ldy) {
+  vf acc[MR][NV] = {};
+  for (long r = 0; r < segments; ++r) {
+    const float* a_row = A + r * segment_stride;
+    const float* b_row = B + r * L * ldb;
+    for (long l = 0; l < L; ++l) {
+      vf b[NV];
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) b[j] = load(b_row + l * ldb + j * kLanes);
+#pragma GCC unroll 16
+      for (int i = 0; i < MR; ++i) {
+        const float a = a_row[i * sa + l];
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; ++j) acc[i][j] += a * b[j];
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) store(Y + i * ldy + j * kLanes, acc[i][j]);
+}
+
+template <int NV, int MR>
+void windows_upto(int rows, const float* A, long sa, long segment_stride, long segments, long L, const float* B,
+                  long ldb, float* Y, long ldy) {
+  if constexpr (MR > 1) {
+    if (rows < MR) return windows_upto<NV, MR - 1>(rows, A, sa, segment_stride, segments, L, B, ldb, Y, ldy);
+  }
+  micro_windows<MR, NV>(A, sa, segment_stride, segments, L, B, ldb, Y, ldy);
+}
+
+// Y[M x NV*16] = the windows of M consecutive positions times B, tile by tile.
+template <int NV>
+void windows_panel(long M, const float* A, long sa, long segment_stride, long segments, long L, const float* B,
+                   long ldb, float* Y, long ldy) {
+  constexpr int R = tile_rows<NV>();
+  for (long m0 = 0; m0 < M; m0 += R) {
+    const int rows = static_cast<int>(std::min<long>(R, M - m0));
+    windows_upto<NV, R>(rows, A + m0 * sa, sa, segment_stride, segments, L, B, ldb, Y + m0 * ldy, ldy);
+  }
+}
+
+// Y[M x N] = the windows of M consecutive positions times B (N a multiple of 16).
+void gemm_windows(long M, long N, const float* A, long sa, long segment_stride, long segments, long L, const float* B,
+                  long ldb, float* Y, long ldy) {
+  for (long n0 = 0; n0 < N; n0 += kVectors * kLanes) {
+    const int nv = static_cast<int>(std::min<long>(kVectors, (N - n0) / kLanes));
+    switch (nv) {
+      case 4: windows_panel<4>(M, A, sa, segment_stride, segments, L, B + n0, ldb, Y + n0, ldy); break;
+      case 3: windows_panel<3>(M, A, sa, segment_stride, segments, L, B + n0, ldb, Y + n0, ldy); break;
+      case 2: windows_panel<2>(M, A, sa, segment_stride, segments, L, B + n0, ldb, Y + n0, ldy); break;
+      default: windows_panel<1>(M, A, sa, segment_stride, segments, L, B + n0, ldb, Y + n0, ldy); break;
     }
   }
 }
@@ -454,14 +519,17 @@ inline void finish_hidden(const float* in, float* out, long hidden, float norm, 
 // three passes over the hidden activations; here it is one pass over x (each
 // pixel's channel squares, once) and one over u. x is NHWC (B, H, W, C), u
 // NHWC (B, Ho, Wo, h).
-void meta_normalize(torch::Tensor x, torch::Tensor u, int64_t k, int64_t stride, int64_t padding, double eps,
-                    std::optional<torch::Tensor> scale, std::optional<torch::Tensor> shift,
-                    std::optional<torch::Tensor> norms) {
-  const long pixels = x.size(0) * x.size(1) * x.size(2), C = x.size(3), hidden = u.size(3);
+// Each pixel's sum of channel squares, (B, H, W, 1), for an NHWC x.
+torch::Tensor channel_squares(const torch::Tensor& x) {
+  const long pixels = x.size(0) * x.size(1) * x.size(2), C = x.size(3);
   auto squares = torch::empty({x.size(0), x.size(1), x.size(2), 1}, x.options());
   const float* xp = x.data_ptr<float>();
   float* sp = squares.data_ptr<float>();
   at::parallel_for(0, pixels, 1024, [&](long begin, long end) {
+    if (C == 1) {  // vectorised across pixels instead of within one
+      for (long i = begin; i < end; ++i) sp[i] = xp[i] * xp[i];
+      return;
+    }
     for (long i = begin; i < end; ++i) {
       const float* row = xp + i * C;
       float sum = 0.f;
@@ -470,6 +538,34 @@ void meta_normalize(torch::Tensor x, torch::Tensor u, int64_t k, int64_t stride,
       sp[i] = sum;
     }
   });
+  return squares;
+}
+
+// The patch energies of one output row's positions (its windows' sums of
+// channel squares) into e: tap by tap, a strided run of the squares map per
+// tap, which vectorises (a per-position gather of 9 scattered values does not).
+void line_energies(const Geometry& pixels, const Position& row_start, const float* squares, float* e) {
+  std::fill(e, e + pixels.out_w, 0.f);
+  const long top = pixels.top(row_start), s = pixels.stride, p = pixels.padding;
+  for (long r = 0; r < pixels.k; ++r) {
+    const long ih = top + r;
+    if (ih < 0 || ih >= pixels.in_h) continue;
+    const float* line = squares + (row_start.b * pixels.in_h + ih) * pixels.in_w;
+    for (long j = 0; j < pixels.k; ++j) {
+      // Output columns whose tap (r, j) falls inside the image: 0 <= i*s - p + j < in_w.
+      const long from = j >= p ? 0 : (p - j + s - 1) / s, reach = pixels.in_w - 1 + p - j;
+      const long to = reach < 0 ? 0 : std::min(pixels.out_w, reach / s + 1);
+      for (long i = from; i < to; ++i) e[i] += line[i * s - p + j];
+    }
+  }
+}
+
+void meta_normalize(torch::Tensor x, torch::Tensor u, int64_t k, int64_t stride, int64_t padding, double eps,
+                    std::optional<torch::Tensor> scale, std::optional<torch::Tensor> shift,
+                    std::optional<torch::Tensor> norms) {
+  const long hidden = u.size(3);
+  const auto squares = channel_squares(x);
+  const float* sp = squares.data_ptr<float>();
   const Geometry g = pixel_geometry(x, u.size(1), u.size(2), k, stride, padding);
   const float* scale_p = scale ? scale->data_ptr<float>() : nullptr;
   const float* shift_p = shift ? shift->data_ptr<float>() : nullptr;
@@ -497,21 +593,30 @@ void meta_normalize(torch::Tensor x, torch::Tensor u, int64_t k, int64_t stride,
 
 // The meta-network's whole first stage, for inputs of few channels (image
 // stems), forward only: u[b,p,:] = finish_hidden(patch(b,p) v, 1 / sqrt(|patch(b,p)|^2 + eps)).
-// There a patch row is 9 or 27 values: the plain patch rows of a block of
-// positions are built in cache (build_patches with no similarity), give the
-// patch energy as their squared norms, and meet v in the micro-kernel, where
-// oneDNN's convolution to a few hidden channels and a separate energy pass
-// would each go over memory. v is tap-major (T*C, hidden rounded up to whole
-// vectors, zero columns beyond hidden); returns u NHWC (B, Ho, Wo, hidden).
+// There a patch row is only 9 or 27 values, so building patch rows costs as
+// much as multiplying them: output row by output row, the positions whose
+// window lies inside the image read it in place (gemm_windows; for kernel
+// rows of at least kMinWindowSegment values), and only the others get patch
+// rows; the energy comes from the channel squares map. oneDNN's convolution to a few hidden channels and a separate
+// normalisation pass would each go over memory. v is tap-major (T*C, hidden
+// rounded up to whole vectors, zero columns beyond hidden); returns u NHWC
+// (B, Ho, Wo, hidden).
 torch::Tensor meta_hidden_direct(torch::Tensor x, torch::Tensor v, int64_t hidden, int64_t k, int64_t stride,
                                  int64_t padding, double eps, std::optional<torch::Tensor> scale,
                                  std::optional<torch::Tensor> shift, std::optional<torch::Tensor> norms,
                                  bool stream_output) {
   const long out_h = (x.size(1) + 2 * padding - k) / stride + 1, out_w = (x.size(2) + 2 * padding - k) / stride + 1;
   const Geometry g = geometry(x, out_h, out_w, k, stride, padding, v.size(1), false);
-  const long D = g.depth(), padded = v.size(1);
+  const Geometry pixels = pixel_geometry(x, out_h, out_w, k, stride, padding);
+  const long C = g.channels, D = g.depth(), padded = v.size(1);
+  // Output columns whose windows lie inside the image horizontally: [first, last).
+  const bool in_place = k * C >= kMinWindowSegment;
+  const long first = std::min(out_w, (padding + stride - 1) / stride);
+  const long last = std::max(first, std::min(out_w, (g.in_w - k + padding) / stride + 1));
+  const auto squares = channel_squares(x);
   auto u = torch::empty({g.batch, out_h, out_w, hidden}, x.options());
   const float* xp = x.data_ptr<float>();
+  const float* sp = squares.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
   const float* scale_p = scale ? scale->data_ptr<float>() : nullptr;
   const float* shift_p = shift ? shift->data_ptr<float>() : nullptr;
@@ -519,25 +624,44 @@ torch::Tensor meta_hidden_direct(torch::Tensor x, torch::Tensor v, int64_t hidde
   float* np = norms ? norms->data_ptr<float>() : nullptr;
   const float epsilon = static_cast<float>(eps);
   const Write write = stream_output && hidden % kLanes == 0 ? Write::stream : Write::overwrite;
-  const long total = g.batch * g.positions(), blocks = (total + kStemPositionBlock - 1) / kStemPositionBlock;
+  // Output rows per block: one where windows are read in place; else
+  // enough for about kBackwardPositionBlock positions of patch rows, so that
+  // short rows do not leave the micro-kernel thin remainder tiles.
+  const long lines = in_place ? 1 : std::max(1L, kBackwardPositionBlock / out_w);
+  const long total_lines = g.batch * out_h, blocks = (total_lines + lines - 1) / lines;
   at::parallel_for(0, blocks, 1, [&](long begin, long end) {
-    std::vector<float> patches(kStemPositionBlock * D), raw(kStemPositionBlock * padded);
+    std::vector<float> patches(lines * out_w * D), raw(lines * out_w * padded), energies(out_w);
     for (long block = begin; block < end; ++block) {
-      const long q0 = block * kStemPositionBlock, count = std::min(kStemPositionBlock, total - q0);
-      build_patches(g, xp, nullptr, q0, count, patches.data());
-      gemm(count, padded, D, patches.data(), D, 1, vp, padded, raw.data(), padded, Write::overwrite);
-      for (long i = 0; i < count; ++i) {
-        const float* row = patches.data() + i * D;
-        // Four partial sums: short dependency chains.
-        float part[4] = {0.f, 0.f, 0.f, 0.f};
-        long d = 0;
-        for (; d + 4 <= D; d += 4)
-          for (long j = 0; j < 4; ++j) part[j] += row[d + j] * row[d + j];
-        for (; d < D; ++d) part[0] += row[d] * row[d];
-        const float energy = (part[0] + part[1]) + (part[2] + part[3]);
-        const float norm = 1.f / std::sqrt(energy + epsilon);
-        if (np) np[q0 + i] = norm;
-        finish_hidden(raw.data() + i * padded, up + (q0 + i) * hidden, hidden, norm, scale_p, shift_p, write);
+      const long first_line = block * lines, count = std::min(lines, total_lines - first_line) * out_w;
+      const long q0 = first_line * out_w;
+      if (!in_place) {
+        build_patches(g, xp, nullptr, q0, count, patches.data());
+        gemm(count, padded, D, patches.data(), D, 1, vp, padded, raw.data(), padded, Write::overwrite);
+      } else {
+        Position pos = g.position(q0);
+        const bool inside = g.top(pos) >= 0 && g.top(pos) + k <= g.in_h;
+        const long lo = inside ? first : out_w, hi = inside ? last : out_w;
+        // Patch rows for the border columns [0, lo) and [hi, out_w).
+        for (const auto& [from, to] : {std::pair<long, long>{0, lo}, std::pair<long, long>{hi, out_w}}) {
+          if (to <= from) continue;
+          build_patches(g, xp, nullptr, q0 + from, to - from, patches.data());
+          gemm(to - from, padded, D, patches.data(), D, 1, vp, padded, raw.data() + from * padded, padded,
+               Write::overwrite);
+        }
+        if (hi > lo) {
+          pos.ow = lo;
+          gemm_windows(hi - lo, padded, xp + g.corner(pos), stride * C, g.in_w * C, k, k * C, vp, padded,
+                       raw.data() + lo * padded, padded);
+        }
+      }
+      for (long q = q0; q < q0 + count; q += out_w) {
+        line_energies(pixels, g.position(q), sp, energies.data());
+        for (long i = 0; i < out_w; ++i) {
+          const float norm = 1.f / std::sqrt(energies[i] + epsilon);
+          if (np) np[q + i] = norm;
+          finish_hidden(raw.data() + (q - q0 + i) * padded, up + (q + i) * hidden, hidden, norm, scale_p, shift_p,
+                        write);
+        }
       }
     }
     if (write == Write::stream) stream_fence();
