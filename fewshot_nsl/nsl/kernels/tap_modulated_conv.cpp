@@ -74,6 +74,21 @@ inline void stream_fence() {
 #endif
 }
 
+// One step along a GEMM's depth for the register tile:
+// acc[i][:] += A[i*sa] * B[0 : NV*16] for the MR rows i.
+template <int MR, int NV>
+__attribute__((always_inline)) inline void rank_one_update(vf (&acc)[MR][NV], const float* A, long sa, const float* B) {
+  vf b[NV];
+#pragma GCC unroll 4
+  for (int j = 0; j < NV; ++j) b[j] = load(B + j * kLanes);
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    const float a = A[i * sa];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) acc[i][j] += a * b[j];
+  }
+}
+
 // Y[MR x NV*16] (+)= A[MR x K] B[K x NV*16]; A's element (i, k) at A[i*sa + k*sk].
 template <int MR, int NV>
 void micro(const float* A, long sa, long sk, const float* B, long ldb, long K, float* Y, long ldy, Write write) {
@@ -82,17 +97,7 @@ void micro(const float* A, long sa, long sk, const float* B, long ldb, long K, f
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) acc[i][j] = write == Write::accumulate ? load(Y + i * ldy + j * kLanes) : vf{};
-  for (long k = 0; k < K; ++k) {
-    vf b[NV];
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) b[j] = load(B + k * ldb + j * kLanes);
-#pragma GCC unroll 16
-    for (int i = 0; i < MR; ++i) {
-      const float a = A[i * sa + k * sk];
-#pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) acc[i][j] += a * b[j];
-    }
-  }
+  for (long k = 0; k < K; ++k) rank_one_update<MR, NV>(acc, A + k * sk, sa, B + k * ldb);
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
@@ -167,17 +172,7 @@ void micro_windows(const float* A, long sa, long segment_stride, long segments, 
   for (long r = 0; r < segments; ++r) {
     const float* a_row = A + r * segment_stride;
     const float* b_row = B + r * L * ldb;
-    for (long l = 0; l < L; ++l) {
-      vf b[NV];
-#pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) b[j] = load(b_row + l * ldb + j * kLanes);
-#pragma GCC unroll 16
-      for (int i = 0; i < MR; ++i) {
-        const float a = a_row[i * sa + l];
-#pragma GCC unroll 4
-        for (int j = 0; j < NV; ++j) acc[i][j] += a * b[j];
-      }
-    }
+    for (long l = 0; l < L; ++l) rank_one_update<MR, NV>(acc, a_row + l, sa, b_row + l * ldb);
   }
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i)
