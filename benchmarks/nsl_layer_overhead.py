@@ -22,8 +22,10 @@ At the 14×14 and 42×42 shapes an operator profile (``torch.profiler``) of the
 diagonal modulated convolution's training step on the PyTorch patch path
 follows the table (the fused kernels are one opaque call to the profiler).
 
-Each is timed twice: forward + backward, and the forward alone under
-``no_grad`` (as in evaluation). Variants are timed alternately over several
+Each is timed twice: forward + backward (in training mode), and the forward
+alone under ``no_grad`` in evaluation mode (the meta-network's BatchNorm on
+running statistics), as evaluation runs it (runs 1–6 timed the forward alone
+in training mode). Variants are timed alternately over several
 rounds and medians compared. The FLOP ratios are the per-layer formulas of
 ``nsl_overhead.py``: training (forward + backward with input, weight and
 similarity gradients) and forward, the floors for what is timed.
@@ -110,6 +112,21 @@ def modulated_only(layer: DynamicNSLConv2d, x: torch.Tensor, path: str) -> Calla
     )
 
 
+def layer_forwards(plain: nn.Module, layers: dict[str, nn.Module], x: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
+    """Every row's forward: the plain convolution, each layer, and for dynamic
+    layers the same on the PyTorch path and their two halves."""
+    forwards: dict[str, Callable[[], torch.Tensor]] = {"conv": lambda: plain(x)}
+    for name, layer in layers.items():
+        forwards[name] = lambda layer=layer: layer(x)
+        if isinstance(layer, DynamicNSLConv2d):
+            if layer.path != layer.pytorch_path:
+                forwards[f"{name}{PYTORCH_SUFFIX}"] = lambda layer=on_pytorch_path(layer): layer(x)
+            forwards[f"{name}: meta-network"] = lambda layer=layer: layer.similarity(x)
+            for path in modulated_paths(layer):
+                forwards[f"{name}: modulated conv, {path}"] = modulated_only(layer, x, path)
+    return forwards
+
+
 def on_pytorch_path(layer: DynamicNSLConv2d) -> DynamicNSLConv2d:
     copy = deepcopy(layer)
     copy.path = layer.pytorch_path
@@ -159,17 +176,11 @@ def main() -> None:
             plain = nn.Conv2d(in_channels, CHANNELS, 3, 1, 1, bias=False).to(memory_format=torch.channels_last)
             layers = {name: sim.conv3x3(in_channels, CHANNELS).to(memory_format=torch.channels_last)
                       for name, sim in VARIANTS.items()}  # fmt: skip
-        forwards: dict[str, Callable[[], torch.Tensor]] = {"conv": lambda: plain(x)}
-        for name, layer in layers.items():
-            forwards[name] = lambda layer=layer: layer(x)
-            if isinstance(layer, DynamicNSLConv2d):
-                if layer.path != layer.pytorch_path:
-                    forwards[f"{name}{PYTORCH_SUFFIX}"] = lambda layer=on_pytorch_path(layer): layer(x)
-                forwards[f"{name}: meta-network"] = lambda layer=layer: layer.similarity(x)
-                for path in modulated_paths(layer):
-                    forwards[f"{name}: modulated conv, {path}"] = modulated_only(layer, x, path)
+        forwards = layer_forwards(plain, layers, x)
+        # The forward alone as evaluation runs it: BatchNorm (the meta-network's) on running statistics.
+        evaluations = layer_forwards(plain, {name: deepcopy(layer).eval() for name, layer in layers.items()}, x)
         steps = {name: forward_backward(forward, generator) for name, forward in forwards.items()}
-        steps |= {f"{name} [fwd]": forward_only(forward) for name, forward in forwards.items()}
+        steps |= {f"{name} [fwd]": forward_only(forward) for name, forward in evaluations.items()}
         times: dict[str, list[float]] = {name: [] for name in steps}
         for step in steps.values():  # warm-up
             step()
@@ -215,7 +226,8 @@ def main() -> None:
         f"`python benchmarks/nsl_layer_overhead.py` — {args.rounds} alternating rounds × {args.repeats} repeats, "
         f"medians; {info['cpu_count']} cores, {info['threads']} threads, torch {info['torch']}, channels_last, "
         f"GLIBC_TUNABLES {'set' if info['glibc_tunables'] == FAST_MALLOC else 'not set'}. Forward + backward "
-        "(input gradient except for stems, weight and similarity gradients), and the forward alone under `no_grad`, "
+        "(input gradient except for stems, weight and similarity gradients), and the forward alone under `no_grad` "
+        "in evaluation mode (the meta-network's BatchNorm on running statistics), "
         "against `nn.Conv2d` in the same run; the FLOP ratios are the corrected floors of `nsl_overhead.py`. Whole "
         f"dynamic layers take their default path (the fused kernels, planes on 1-channel stems); `{PYTORCH_SUFFIX}` is "
         "the same layer on its PyTorch implementation (the state before the kernels). The `meta-network` and "
