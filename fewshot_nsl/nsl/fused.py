@@ -157,7 +157,7 @@ def meta_hidden(
     ``relu(u * scale + shift)``. The convolution is oneDNN's and the rest one
     kernel pass, except on inputs of at most ``DIRECT_META_MAX_CHANNELS``
     channels (image stems), where the kernel computes the convolution as well,
-    from the same patch rows that give the energy. ``x`` is (B, C, H, W),
+    in the same pass as the energy and the normalisation. ``x`` is (B, C, H, W),
     ``weight`` (h, C, k, k); returns (B, h, Ho, Wo), channels_last."""
     affine = (scale.contiguous(), shift.contiguous()) if scale is not None and shift is not None else (None, None)
     return _first_stage(x, weight, eps, stride, padding, *affine, norms=None)
