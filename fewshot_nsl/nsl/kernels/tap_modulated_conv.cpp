@@ -505,15 +505,6 @@ inline void finish_hidden(const float* in, float* out, long hidden, float norm, 
   }
 }
 
-// The meta-network's normalisation (DynamicNSLConv2d.similarity), in place on
-// u = conv(x, v), forward only:
-//   u[b,p,j] <- u[b,p,j] / sqrt(sum_{t,c} x[b,p*s+d_t,c]^2 + eps),
-// then, where scale and shift are given, relu(u[b,p,j] * scale[j] + shift[j])
-// (BatchNorm on running statistics, and the ReLU). In PyTorch ops the patch
-// energy is a squares pass, a box-sum convolution and an rsqrt, and the rest
-// three passes over the hidden activations; here it is one pass over x (each
-// pixel's channel squares, once) and one over u. x is NHWC (B, H, W, C), u
-// NHWC (B, Ho, Wo, h).
 // Each pixel's sum of channel squares, (B, H, W, 1), for an NHWC x.
 torch::Tensor channel_squares(const torch::Tensor& x) {
   const long pixels = x.size(0) * x.size(1) * x.size(2), C = x.size(3);
@@ -555,33 +546,56 @@ void line_energies(const Geometry& pixels, const Position& row_start, const floa
   }
 }
 
+// What normalises the hidden activations of the meta-network's first stage:
+// the channel squares map, eps, the optional affine map (BatchNorm on running
+// statistics, then ReLU), where the inverse norms go (or null), and how the
+// results are stored.
+struct Normalisation {
+  const float* squares;
+  float eps;
+  const float* scale;
+  const float* shift;
+  float* norms;
+  long hidden;
+  Write write;
+};
+
+// One output row of positions [q0, q0 + out_w): u[q0 + i] = finish_hidden(raw[i],
+// 1 / sqrt(energy + eps)), raw's rows `raw_stride` apart (raw may be u's own rows).
+void normalize_line(const Geometry& pixels, const Normalisation& n, long q0, const float* raw, long raw_stride,
+                    float* u, float* energies) {
+  line_energies(pixels, pixels.position(q0), n.squares, energies);
+  for (long i = 0; i < pixels.out_w; ++i) {
+    const float norm = 1.f / std::sqrt(energies[i] + n.eps);
+    if (n.norms) n.norms[q0 + i] = norm;
+    finish_hidden(raw + i * raw_stride, u + (q0 + i) * n.hidden, n.hidden, norm, n.scale, n.shift, n.write);
+  }
+}
+
+// The meta-network's normalisation (DynamicNSLConv2d.similarity), in place on
+// u = conv(x, v), forward only:
+//   u[b,p,j] <- u[b,p,j] / sqrt(sum_{t,c} x[b,p*s+d_t,c]^2 + eps),
+// then, where scale and shift are given, relu(u[b,p,j] * scale[j] + shift[j])
+// (BatchNorm on running statistics, and the ReLU). In PyTorch ops the patch
+// energy is a squares pass, a box-sum convolution and an rsqrt, and the rest
+// three passes over the hidden activations; here it is one pass over x (each
+// pixel's channel squares, once) and one over u. x is NHWC (B, H, W, C), u
+// NHWC (B, Ho, Wo, h).
 void meta_normalize(torch::Tensor x, torch::Tensor u, int64_t k, int64_t stride, int64_t padding, double eps,
                     std::optional<torch::Tensor> scale, std::optional<torch::Tensor> shift,
                     std::optional<torch::Tensor> norms) {
   const long hidden = u.size(3);
   const auto squares = channel_squares(x);
-  const float* sp = squares.data_ptr<float>();
-  const Geometry g = pixel_geometry(x, u.size(1), u.size(2), k, stride, padding);
-  const float* scale_p = scale ? scale->data_ptr<float>() : nullptr;
-  const float* shift_p = shift ? shift->data_ptr<float>() : nullptr;
+  const Geometry pixels = pixel_geometry(x, u.size(1), u.size(2), k, stride, padding);
+  const Normalisation n{squares.data_ptr<float>(), static_cast<float>(eps),
+                        scale ? scale->data_ptr<float>() : nullptr, shift ? shift->data_ptr<float>() : nullptr,
+                        norms ? norms->data_ptr<float>() : nullptr, hidden, Write::overwrite};
   float* up = u.data_ptr<float>();
-  float* np = norms ? norms->data_ptr<float>() : nullptr;
-  const float epsilon = static_cast<float>(eps);
-  const long total = g.batch * g.positions(), blocks = (total + kPositionBlock - 1) / kPositionBlock;
-  at::parallel_for(0, blocks, 1, [&](long begin, long end) {
-    std::vector<long> offsets(g.taps);
-    for (long block = begin; block < end; ++block) {
-      const long q0 = block * kPositionBlock, count = std::min(kPositionBlock, total - q0);
-      Position pos = g.position(q0);
-      for (long q = q0; q < q0 + count; ++q, g.advance(pos)) {
-        g.sources(pos, offsets.data());
-        float energy = 0.f;
-        for (long t = 0; t < g.taps; ++t) energy += offsets[t] < 0 ? 0.f : sp[offsets[t]];
-        float* row = up + q * hidden;
-        const float norm = 1.f / std::sqrt(energy + epsilon);
-        if (np) np[q] = norm;
-        finish_hidden(row, row, hidden, norm, scale_p, shift_p);
-      }
+  at::parallel_for(0, pixels.batch * pixels.out_h, 1, [&](long begin, long end) {
+    std::vector<float> energies(pixels.out_w);
+    for (long line = begin; line < end; ++line) {
+      const long q0 = line * pixels.out_w;
+      normalize_line(pixels, n, q0, up + q0 * hidden, hidden, up, energies.data());
     }
   });
 }
@@ -611,14 +625,12 @@ torch::Tensor meta_hidden_direct(torch::Tensor x, torch::Tensor v, int64_t hidde
   const auto squares = channel_squares(x);
   auto u = torch::empty({g.batch, out_h, out_w, hidden}, x.options());
   const float* xp = x.data_ptr<float>();
-  const float* sp = squares.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
-  const float* scale_p = scale ? scale->data_ptr<float>() : nullptr;
-  const float* shift_p = shift ? shift->data_ptr<float>() : nullptr;
   float* up = u.data_ptr<float>();
-  float* np = norms ? norms->data_ptr<float>() : nullptr;
-  const float epsilon = static_cast<float>(eps);
   const Write write = stream_output && hidden % kLanes == 0 ? Write::stream : Write::overwrite;
+  const Normalisation n{squares.data_ptr<float>(), static_cast<float>(eps),
+                        scale ? scale->data_ptr<float>() : nullptr, shift ? shift->data_ptr<float>() : nullptr,
+                        norms ? norms->data_ptr<float>() : nullptr, hidden, write};
   // Output rows per block: one where windows are read in place; else
   // enough for about kBackwardPositionBlock positions of patch rows, so that
   // short rows do not leave the micro-kernel thin remainder tiles.
@@ -650,13 +662,7 @@ torch::Tensor meta_hidden_direct(torch::Tensor x, torch::Tensor v, int64_t hidde
         }
       }
       for (long q = q0; q < q0 + count; q += out_w) {
-        line_energies(pixels, g.position(q), sp, energies.data());
-        for (long i = 0; i < out_w; ++i) {
-          const float norm = 1.f / std::sqrt(energies[i] + epsilon);
-          if (np) np[q + i] = norm;
-          finish_hidden(raw.data() + (q - q0 + i) * padded, up + (q + i) * hidden, hidden, norm, scale_p, shift_p,
-                        write);
-        }
+        normalize_line(pixels, n, q, raw.data() + (q - q0) * padded, padded, up, energies.data());
       }
     }
     if (write == Write::stream) stream_fence();
