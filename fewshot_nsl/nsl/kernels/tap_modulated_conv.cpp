@@ -16,6 +16,11 @@
 // its own im2col tiles. The micro-kernel uses GCC vector extensions, so the
 // compiler emits AVX-512 (or AVX2, or SSE) for the machine it builds on.
 //
+// The diagonal form (with whole vectors of channels) takes output positions
+// by tap class, windows with the same taps inside the image, so that like a
+// convolution library it does not multiply the padding's zeros: 18% of a
+// dense patch matrix at Omniglot's 7x7 with padding 1, 9% at 14x14.
+//
 // Tensors are float32, contiguous: x is the input NHWC (B, H, W, C), read as
 // if zero-padded by `padding` (no padded copy is made); m is tap-last (B, Ho, Wo, T) or (B, Ho, Wo, T, T); the kernel
 // is tap-major (T*C, O) and its transpose (O, T*C) with zero columns up to a
@@ -293,6 +298,81 @@ Geometry geometry(const torch::Tensor& x, const torch::Tensor& m, long k, long s
   return geometry(x, m.size(1), m.size(2), k, stride, padding, out_channels, m.dim() == 5);
 }
 
+// Output rows (or columns) [first, first + count) whose windows cover the
+// same kernel rows (columns) [tap_first, tap_first + taps) inside the image.
+struct Run {
+  long first, count, tap_first, taps;
+};
+
+std::vector<Run> runs(long out, long in, long k, long stride, long padding) {
+  std::vector<Run> result;
+  for (long o = 0; o < out; ++o) {
+    const long start = o * stride - padding;
+    const long tap_first = std::max(0L, -start), taps = std::max(0L, std::min(k, in - start) - tap_first);
+    if (!result.empty() && result.back().tap_first == tap_first && result.back().taps == taps) ++result.back().count;
+    else result.push_back({o, 1, tap_first, taps});
+  }
+  return result;
+}
+
+// A part of a patch row and the kernel rows it multiplies: `length` values
+// from offset `a` of the row, against rows [b, b + length) of the tap-major kernel.
+struct Piece {
+  long a, b, length;
+};
+
+// The output positions whose windows have the same taps inside the image: a
+// row run by a column run, in every sample. Their taps form a rectangle of
+// the kernel, so their patch rows hold those taps only (the padding's zeros
+// are not multiplied, as a convolution library skips them too), and the
+// kernel's matching rows are a few contiguous pieces.
+struct TapClass {
+  Run rows, cols;
+  std::vector<Piece> pieces;
+  long per_sample() const { return rows.count * cols.count; }
+  long row_length(long channels) const { return rows.taps * cols.taps * channels; }
+};
+
+std::vector<TapClass> tap_classes(const Geometry& g) {
+  std::vector<TapClass> classes;
+  for (const Run& rows : runs(g.out_h, g.in_h, g.k, g.stride, g.padding))
+    for (const Run& cols : runs(g.out_w, g.in_w, g.k, g.stride, g.padding)) {
+      TapClass cls{rows, cols, {}};
+      const long length = cols.taps * g.channels;
+      for (long r = 0; r < (cols.taps > 0 ? rows.taps : 0); ++r) {
+        const long b = ((rows.tap_first + r) * g.k + cols.tap_first) * g.channels;
+        Piece* last = cls.pieces.empty() ? nullptr : &cls.pieces.back();
+        if (last && last->b + last->length == b) last->length += length;
+        else cls.pieces.push_back({r * length, b, length});
+      }
+      classes.push_back(cls);
+    }
+  return classes;
+}
+
+// Flat output index of the class's j-th position, counting from sample b0.
+long class_position(const Geometry& g, const TapClass& cls, long b0, long j) {
+  const long b = b0 + j / cls.per_sample(), r = j % cls.per_sample();
+  return (b * g.out_h + cls.rows.first + r / cls.cols.count) * g.out_w + cls.cols.first + r % cls.cols.count;
+}
+
+// The class's modulated patch rows (diagonal form) of output positions q[0..count) into A.
+void build_class_rows(const Geometry& g, const TapClass& cls, const float* x, const float* m, const long* q,
+                      long count, float* A) {
+  const long C = g.channels, T = g.taps, row_length = cls.row_length(C);
+  for (long i = 0; i < count; ++i) {
+    const long corner = g.corner(g.position(q[i]));
+    float* out = A + i * row_length;
+    for (long r = cls.rows.tap_first; r < cls.rows.tap_first + cls.rows.taps; ++r)
+      for (long c = cls.cols.tap_first; c < cls.cols.tap_first + cls.cols.taps; ++c, out += C) {
+        const long t = r * g.k + c;
+        const float gain = m[q[i] * T + t];
+        const float* src = x + corner + g.tap_delta[t];
+        for (long ch = 0; ch < C; ++ch) out[ch] = gain * src[ch];
+      }
+  }
+}
+
 // Modulated patch rows of output positions [q0, q0 + count) into A (count x T*C);
 // with m null (diagonal geometry only), the plain patch rows.
 void build_patch_rows(const Geometry& g, const float* x, const float* m, long q0, long count, float* A) {
@@ -376,6 +456,99 @@ float dot_and_scatter(const float* g, const float* x, float gain, float* dx, lon
   return s;
 }
 
+// Diagonal form with whole vectors of input channels: every patch row and
+// gradient row of a tap class splits into pieces of whole vectors.
+bool by_tap_class(const Geometry& g) { return !g.full && g.channels % kLanes == 0; }
+
+// Work items: blocks of up to `block` positions of one class, from sample b0 on.
+struct ClassBlock {
+  long cls, first, count;
+};
+
+std::vector<ClassBlock> class_blocks(const std::vector<TapClass>& classes, long samples, long block) {
+  std::vector<ClassBlock> blocks;
+  for (long c = 0; c < static_cast<long>(classes.size()); ++c) {
+    const long n = samples * classes[c].per_sample();
+    for (long j = 0; j < n; j += block) blocks.push_back({c, j, std::min(block, n - j)});
+  }
+  return blocks;
+}
+
+void forward_by_tap_class(const Geometry& g, const float* x, const float* m, const float* w, float* y, Write write) {
+  const long O = g.out_channels;
+  const std::vector<TapClass> classes = tap_classes(g);
+  const std::vector<ClassBlock> blocks = class_blocks(classes, g.batch, kPositionBlock);
+  at::parallel_for(0, static_cast<long>(blocks.size()), 1, [&](long begin, long end) {
+    std::vector<float> patches(kPositionBlock * g.depth()), tile(kPositionBlock * O);
+    long q[kPositionBlock];
+    for (long n = begin; n < end; ++n) {
+      const ClassBlock& block = blocks[n];
+      const TapClass& cls = classes[block.cls];
+      for (long i = 0; i < block.count; ++i) q[i] = class_position(g, cls, 0, block.first + i);
+      build_class_rows(g, cls, x, m, q, block.count, patches.data());
+      const long row_length = cls.row_length(g.channels);
+      if (cls.pieces.empty()) std::fill(tile.begin(), tile.end(), 0.f);
+      for (const Piece& piece : cls.pieces)
+        gemm(block.count, O, piece.length, patches.data() + piece.a, row_length, 1, w + piece.b * O, O, tile.data(),
+             O, &piece == &cls.pieces.front() ? Write::overwrite : Write::accumulate);
+      for (long i = 0; i < block.count; ++i)
+        for (long o = 0; o < O; o += kLanes) {
+          const vf v = load(tile.data() + i * O + o);
+          if (write == Write::stream) stream(y + q[i] * O + o, v);
+          else store(y + q[i] * O + o, v);
+        }
+    }
+    if (write == Write::stream) stream_fence();
+  });
+}
+
+// The gradients of forward_by_tap_class, samples split as in tap_modulated_backward.
+void backward_by_tap_class(const Geometry& g, const float* x, const float* m, const float* w_t, long w_t_stride,
+                           const float* dy, long splits, float* gx, float* gm, float* gw_parts) {
+  const long C = g.channels, O = g.out_channels, T = g.taps, sample_size = g.in_h * g.in_w * C;
+  const std::vector<TapClass> classes = tap_classes(g);
+  at::parallel_for(0, splits, 1, [&](long begin, long end) {
+    std::vector<float> patches(kBackwardPositionBlock * g.depth()), patch_grad(kBackwardPositionBlock * g.depth());
+    std::vector<float> dy_rows(kBackwardPositionBlock * O);
+    long q[kBackwardPositionBlock];
+    for (long split = begin; split < end; ++split) {
+      const long b0 = split * g.batch / splits, b1 = (split + 1) * g.batch / splits;
+      if (gx) std::fill(gx + b0 * sample_size, gx + b1 * sample_size, 0.f);
+      for (const ClassBlock& block : class_blocks(classes, b1 - b0, kBackwardPositionBlock)) {
+        const TapClass& cls = classes[block.cls];
+        const long count = block.count, row_length = cls.row_length(C);
+        for (long i = 0; i < count; ++i) {
+          q[i] = class_position(g, cls, b0, block.first + i);
+          std::copy(dy + q[i] * O, dy + (q[i] + 1) * O, dy_rows.data() + i * O);
+        }
+        if (gw_parts) {
+          build_class_rows(g, cls, x, m, q, count, patches.data());
+          // grad_w[piece rows, o] += sum_i patches[i, piece] dy[i, o]: the patches read transposed.
+          for (const Piece& piece : cls.pieces)
+            gemm(piece.length, O, count, patches.data() + piece.a, 1, row_length, dy_rows.data(), O,
+                 gw_parts + (split * g.depth() + piece.b) * O, O, Write::accumulate);
+        }
+        if (!(gx || gm)) continue;
+        for (const Piece& piece : cls.pieces)
+          gemm(count, piece.length, O, dy_rows.data(), O, 1, w_t + piece.b, w_t_stride, patch_grad.data() + piece.a,
+               row_length, Write::overwrite);
+        for (long i = 0; i < count; ++i) {
+          const long corner = g.corner(g.position(q[i]));
+          const float* grad_row = patch_grad.data() + i * row_length;
+          if (gm) std::fill(gm + q[i] * T, gm + (q[i] + 1) * T, 0.f);
+          for (long r = cls.rows.tap_first; r < cls.rows.tap_first + cls.rows.taps; ++r)
+            for (long c = cls.cols.tap_first; c < cls.cols.tap_first + cls.cols.taps; ++c, grad_row += C) {
+              const long t = r * g.k + c, src = corner + g.tap_delta[t];
+              const float value = dot_and_scatter(grad_row, x + src, m[q[i] * T + t], gx ? gx + src : nullptr, C,
+                                                  gm != nullptr, gx != nullptr);
+              if (gm) gm[q[i] * T + t] = value;
+            }
+        }
+      }
+    }
+  });
+}
+
 }  // namespace
 
 torch::Tensor tap_modulated_forward(torch::Tensor x, torch::Tensor m, torch::Tensor w, int64_t k, int64_t stride,
@@ -388,6 +561,10 @@ torch::Tensor tap_modulated_forward(torch::Tensor x, torch::Tensor m, torch::Ten
   float* yp = y.data_ptr<float>();
   // y from torch::empty is 64-byte aligned, and its rows are whole vectors.
   const Write write = stream_output ? Write::stream : Write::overwrite;
+  if (by_tap_class(g)) {
+    forward_by_tap_class(g, xp, mp, wp, yp, write);
+    return y;
+  }
   // Blocks run over the whole batch's positions, so no block is a thin remainder of a sample.
   const long total = g.batch * g.positions(), blocks = (total + kPositionBlock - 1) / kPositionBlock;
   at::parallel_for(0, blocks, 1, [&](long begin, long end) {
@@ -430,7 +607,8 @@ std::vector<torch::Tensor> tap_modulated_backward(torch::Tensor x, torch::Tensor
   float* gxp = need_x ? grad_x.data_ptr<float>() : nullptr;
   float* gmp = need_m ? grad_m.data_ptr<float>() : nullptr;
   float* gwp = need_w ? grad_w_parts.data_ptr<float>() : nullptr;
-  at::parallel_for(0, splits, 1, [&](long begin, long end) {
+  if (by_tap_class(g)) backward_by_tap_class(g, xp, mp, wtp, D_padded, dyp, splits, gxp, gmp, gwp);
+  else at::parallel_for(0, splits, 1, [&](long begin, long end) {
     std::vector<float> patches(kBackwardPositionBlock * D), patch_grad(kBackwardPositionBlock * D_padded);
     std::vector<long> offsets(T);
     for (long split = begin; split < end; ++split) {
