@@ -54,7 +54,10 @@ def test_kernels_build_on_this_machine():
 # (batch, in, out, height, width): tile remainders in rows (positions not a multiple
 # of 6 or 24) and in columns (48 = three vectors of 16, 16 = one).
 # Image stems: 1 and 3 input channels (k*k*C = 9, 27: G's rows padded to whole vectors).
-SHAPES = [(2, 16, 16, 5, 7), (3, 32, 48, 9, 8), (1, 64, 64, 6, 6), (5, 16, 32, 4, 11), (2, 1, 16, 7, 6), (3, 3, 32, 6, 5)]
+# 64 channels at 32x32 are 256 KiB a sample: the diagonal kernels take such
+# samples through their tap classes two at a time (kCachedSampleBytes).
+SHAPES = [(2, 16, 16, 5, 7), (3, 32, 48, 9, 8), (1, 64, 64, 6, 6), (5, 16, 32, 4, 11), (2, 1, 16, 7, 6), (3, 3, 32, 6, 5),
+          (5, 64, 16, 32, 32)]
 
 
 @pytest.mark.parametrize("full", [False, True])

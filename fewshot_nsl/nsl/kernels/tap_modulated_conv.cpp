@@ -54,6 +54,9 @@ constexpr long kBackwardPositionBlock = 96;
 // windows in place rather than from patch rows: 3-channel stems' 9 values
 // ran faster in place, 1-channel stems' 3 slower (scratch timings).
 constexpr long kMinWindowSegment = 8;
+// Input bytes of the samples taken through the tap classes together (half a
+// 1 MiB L2 cache; see sample_groups).
+constexpr long kCachedSampleBytes = 512 << 10;
 
 inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof(vf)); return v; }
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(vf)); }
@@ -350,25 +353,36 @@ std::vector<TapClass> tap_classes(const Geometry& g) {
   return classes;
 }
 
-// Flat output index of the class's j-th position, counting from sample b0.
-long class_position(const Geometry& g, const TapClass& cls, long b0, long j) {
-  const long b = b0 + j / cls.per_sample(), r = j % cls.per_sample();
-  return (b * g.out_h + cls.rows.first + r / cls.cols.count) * g.out_w + cls.cols.first + r % cls.cols.count;
+// The output indices q and window corners (offsets in x, as Geometry::corner)
+// of the class's positions first .. first + count - 1, counted from sample b0:
+// by counters, so that only the first needs divisions.
+void class_positions(const Geometry& g, const TapClass& cls, long b0, long first, long count, long* q, long* corner) {
+  const long width = cls.cols.count, per_sample = cls.per_sample();
+  Position pos{b0 + first / per_sample, cls.rows.first + first % per_sample / width, cls.cols.first + first % width};
+  for (long i = 0; i < count; ++i) {
+    q[i] = (pos.b * g.out_h + pos.oh) * g.out_w + pos.ow;
+    corner[i] = g.corner(pos);
+    if (++pos.ow < cls.cols.first + width) continue;
+    pos.ow = cls.cols.first;
+    if (++pos.oh < cls.rows.first + cls.rows.count) continue;
+    pos.oh = cls.rows.first;
+    ++pos.b;
+  }
 }
 
-// The class's modulated patch rows (diagonal form) of output positions q[0..count) into A.
+// The class's modulated patch rows (diagonal form, whole vectors of channels)
+// of output positions q[0..count), whose windows start at corner[0..count), into A.
 void build_class_rows(const Geometry& g, const TapClass& cls, const float* x, const float* m, const long* q,
-                      long count, float* A) {
+                      const long* corner, long count, float* A) {
   const long C = g.channels, T = g.taps, row_length = cls.row_length(C);
   for (long i = 0; i < count; ++i) {
-    const long corner = g.corner(g.position(q[i]));
     float* out = A + i * row_length;
     for (long r = cls.rows.tap_first; r < cls.rows.tap_first + cls.rows.taps; ++r)
       for (long c = cls.cols.tap_first; c < cls.cols.tap_first + cls.cols.taps; ++c, out += C) {
         const long t = r * g.k + c;
         const float gain = m[q[i] * T + t];
-        const float* src = x + corner + g.tap_delta[t];
-        for (long ch = 0; ch < C; ++ch) out[ch] = gain * src[ch];
+        const float* src = x + corner[i] + g.tap_delta[t];
+        for (long ch = 0; ch < C; ch += kLanes) store(out + ch, gain * load(src + ch));
       }
   }
 }
@@ -460,7 +474,25 @@ float dot_and_scatter(const float* g, const float* x, float gain, float* dx, lon
 // gradient row of a tap class splits into pieces of whole vectors.
 bool by_tap_class(const Geometry& g) { return !g.full && g.channels % kLanes == 0; }
 
-// Work items: blocks of up to `block` positions of one class, from sample b0 on.
+// Samples [first, first + count), taken through every tap class together.
+struct SampleGroup {
+  long first, count;
+};
+
+// A split's samples (a thread's share of the batch) in groups of as many as
+// keep their input, and its gradient, in a core's L2 cache, so that each
+// class finds the rows the previous ones brought in (and the backward, the
+// gradient it zeroed for the group).
+std::vector<SampleGroup> sample_groups(const Geometry& g, long split, long splits) {
+  const long sample_bytes = g.in_h * g.in_w * g.channels * static_cast<long>(sizeof(float));
+  const long per_group = std::max(1L, kCachedSampleBytes / sample_bytes);
+  const long first = split * g.batch / splits, last = (split + 1) * g.batch / splits;
+  std::vector<SampleGroup> groups;
+  for (long b = first; b < last; b += per_group) groups.push_back({b, std::min(per_group, last - b)});
+  return groups;
+}
+
+// Blocks of up to `block` positions of one class, in a group of samples.
 struct ClassBlock {
   long cls, first, count;
 };
@@ -474,29 +506,33 @@ std::vector<ClassBlock> class_blocks(const std::vector<TapClass>& classes, long 
   return blocks;
 }
 
+// Threads take whole samples, each every class of its samples, so that each
+// has the same work (classes differ in taps per position).
 void forward_by_tap_class(const Geometry& g, const float* x, const float* m, const float* w, float* y, Write write) {
-  const long O = g.out_channels;
+  const long O = g.out_channels, splits = std::max<long>(1, std::min<long>(at::get_num_threads(), g.batch));
   const std::vector<TapClass> classes = tap_classes(g);
-  const std::vector<ClassBlock> blocks = class_blocks(classes, g.batch, kPositionBlock);
-  at::parallel_for(0, static_cast<long>(blocks.size()), 1, [&](long begin, long end) {
+  at::parallel_for(0, splits, 1, [&](long begin, long end) {
     std::vector<float> patches(kPositionBlock * g.depth()), tile(kPositionBlock * O);
-    long q[kPositionBlock];
-    for (long n = begin; n < end; ++n) {
-      const ClassBlock& block = blocks[n];
-      const TapClass& cls = classes[block.cls];
-      for (long i = 0; i < block.count; ++i) q[i] = class_position(g, cls, 0, block.first + i);
-      build_class_rows(g, cls, x, m, q, block.count, patches.data());
-      const long row_length = cls.row_length(g.channels);
-      if (cls.pieces.empty()) std::fill(tile.begin(), tile.end(), 0.f);
-      for (const Piece& piece : cls.pieces)
-        gemm(block.count, O, piece.length, patches.data() + piece.a, row_length, 1, w + piece.b * O, O, tile.data(),
-             O, &piece == &cls.pieces.front() ? Write::overwrite : Write::accumulate);
-      for (long i = 0; i < block.count; ++i)
-        for (long o = 0; o < O; o += kLanes) {
-          const vf v = load(tile.data() + i * O + o);
-          if (write == Write::stream) stream(y + q[i] * O + o, v);
-          else store(y + q[i] * O + o, v);
+    long q[kPositionBlock], corner[kPositionBlock];
+    for (long split = begin; split < end; ++split) {
+      for (const SampleGroup& group : sample_groups(g, split, splits)) {
+        for (const ClassBlock& block : class_blocks(classes, group.count, kPositionBlock)) {
+          const TapClass& cls = classes[block.cls];
+          class_positions(g, cls, group.first, block.first, block.count, q, corner);
+          build_class_rows(g, cls, x, m, q, corner, block.count, patches.data());
+          const long row_length = cls.row_length(g.channels);
+          if (cls.pieces.empty()) std::fill(tile.begin(), tile.end(), 0.f);
+          for (const Piece& piece : cls.pieces)
+            gemm(block.count, O, piece.length, patches.data() + piece.a, row_length, 1, w + piece.b * O, O,
+                 tile.data(), O, &piece == &cls.pieces.front() ? Write::overwrite : Write::accumulate);
+          for (long i = 0; i < block.count; ++i)
+            for (long o = 0; o < O; o += kLanes) {
+              const vf v = load(tile.data() + i * O + o);
+              if (write == Write::stream) stream(y + q[i] * O + o, v);
+              else store(y + q[i] * O + o, v);
+            }
         }
+      }
     }
     if (write == Write::stream) stream_fence();
   });
@@ -510,39 +546,37 @@ void backward_by_tap_class(const Geometry& g, const float* x, const float* m, co
   at::parallel_for(0, splits, 1, [&](long begin, long end) {
     std::vector<float> patches(kBackwardPositionBlock * g.depth()), patch_grad(kBackwardPositionBlock * g.depth());
     std::vector<float> dy_rows(kBackwardPositionBlock * O);
-    long q[kBackwardPositionBlock];
+    long q[kBackwardPositionBlock], corner[kBackwardPositionBlock];
     for (long split = begin; split < end; ++split) {
-      const long b0 = split * g.batch / splits, b1 = (split + 1) * g.batch / splits;
-      if (gx) std::fill(gx + b0 * sample_size, gx + b1 * sample_size, 0.f);
-      for (const ClassBlock& block : class_blocks(classes, b1 - b0, kBackwardPositionBlock)) {
-        const TapClass& cls = classes[block.cls];
-        const long count = block.count, row_length = cls.row_length(C);
-        for (long i = 0; i < count; ++i) {
-          q[i] = class_position(g, cls, b0, block.first + i);
-          std::copy(dy + q[i] * O, dy + (q[i] + 1) * O, dy_rows.data() + i * O);
-        }
-        if (gw_parts) {
-          build_class_rows(g, cls, x, m, q, count, patches.data());
-          // grad_w[piece rows, o] += sum_i patches[i, piece] dy[i, o]: the patches read transposed.
+      for (const SampleGroup& group : sample_groups(g, split, splits)) {
+        if (gx) std::fill(gx + group.first * sample_size, gx + (group.first + group.count) * sample_size, 0.f);
+        for (const ClassBlock& block : class_blocks(classes, group.count, kBackwardPositionBlock)) {
+          const TapClass& cls = classes[block.cls];
+          const long count = block.count, row_length = cls.row_length(C);
+          class_positions(g, cls, group.first, block.first, count, q, corner);
+          for (long i = 0; i < count; ++i) std::copy(dy + q[i] * O, dy + (q[i] + 1) * O, dy_rows.data() + i * O);
+          if (gw_parts) {
+            build_class_rows(g, cls, x, m, q, corner, count, patches.data());
+            // grad_w[piece rows, o] += sum_i patches[i, piece] dy[i, o]: the patches read transposed.
+            for (const Piece& piece : cls.pieces)
+              gemm(piece.length, O, count, patches.data() + piece.a, 1, row_length, dy_rows.data(), O,
+                   gw_parts + (split * g.depth() + piece.b) * O, O, Write::accumulate);
+          }
+          if (!(gx || gm)) continue;
           for (const Piece& piece : cls.pieces)
-            gemm(piece.length, O, count, patches.data() + piece.a, 1, row_length, dy_rows.data(), O,
-                 gw_parts + (split * g.depth() + piece.b) * O, O, Write::accumulate);
-        }
-        if (!(gx || gm)) continue;
-        for (const Piece& piece : cls.pieces)
-          gemm(count, piece.length, O, dy_rows.data(), O, 1, w_t + piece.b, w_t_stride, patch_grad.data() + piece.a,
-               row_length, Write::overwrite);
-        for (long i = 0; i < count; ++i) {
-          const long corner = g.corner(g.position(q[i]));
-          const float* grad_row = patch_grad.data() + i * row_length;
-          if (gm) std::fill(gm + q[i] * T, gm + (q[i] + 1) * T, 0.f);
-          for (long r = cls.rows.tap_first; r < cls.rows.tap_first + cls.rows.taps; ++r)
-            for (long c = cls.cols.tap_first; c < cls.cols.tap_first + cls.cols.taps; ++c, grad_row += C) {
-              const long t = r * g.k + c, src = corner + g.tap_delta[t];
-              const float value = dot_and_scatter(grad_row, x + src, m[q[i] * T + t], gx ? gx + src : nullptr, C,
-                                                  gm != nullptr, gx != nullptr);
-              if (gm) gm[q[i] * T + t] = value;
-            }
+            gemm(count, piece.length, O, dy_rows.data(), O, 1, w_t + piece.b, w_t_stride,
+                 patch_grad.data() + piece.a, row_length, Write::overwrite);
+          for (long i = 0; i < count; ++i) {
+            const float* grad_row = patch_grad.data() + i * row_length;
+            if (gm) std::fill(gm + q[i] * T, gm + (q[i] + 1) * T, 0.f);
+            for (long r = cls.rows.tap_first; r < cls.rows.tap_first + cls.rows.taps; ++r)
+              for (long c = cls.cols.tap_first; c < cls.cols.tap_first + cls.cols.taps; ++c, grad_row += C) {
+                const long t = r * g.k + c, src = corner[i] + g.tap_delta[t];
+                const float value = dot_and_scatter(grad_row, x + src, m[q[i] * T + t], gx ? gx + src : nullptr, C,
+                                                    gm != nullptr, gx != nullptr);
+                if (gm) gm[q[i] * T + t] = value;
+              }
+          }
         }
       }
     }
