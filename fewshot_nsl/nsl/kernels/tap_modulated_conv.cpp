@@ -474,6 +474,9 @@ float dot_and_scatter(const float* g, const float* x, float gain, float* dx, lon
 // gradient row of a tap class splits into pieces of whole vectors.
 bool by_tap_class(const Geometry& g) { return !g.full && g.channels % kLanes == 0; }
 
+// How many parts the batch is split into by whole samples: one per thread.
+long sample_splits(const Geometry& g) { return std::max<long>(1, std::min<long>(at::get_num_threads(), g.batch)); }
+
 // Samples [first, first + count), taken through every tap class together.
 struct SampleGroup {
   long first, count;
@@ -509,7 +512,7 @@ std::vector<ClassBlock> class_blocks(const std::vector<TapClass>& classes, long 
 // Threads take whole samples, each every class of its samples, so that each
 // has the same work (classes differ in taps per position).
 void forward_by_tap_class(const Geometry& g, const float* x, const float* m, const float* w, float* y, Write write) {
-  const long O = g.out_channels, splits = std::max<long>(1, std::min<long>(at::get_num_threads(), g.batch));
+  const long O = g.out_channels, splits = sample_splits(g);
   const std::vector<TapClass> classes = tap_classes(g);
   at::parallel_for(0, splits, 1, [&](long begin, long end) {
     std::vector<float> patches(kPositionBlock * g.depth()), tile(kPositionBlock * O);
@@ -627,7 +630,7 @@ std::vector<torch::Tensor> tap_modulated_backward(torch::Tensor x, torch::Tensor
   const Geometry g = geometry(x, m, k, stride, padding, w.size(1));
   const long C = g.channels, T = g.taps, D = g.depth(), O = g.out_channels;
   const long D_padded = w_t.size(1);  // D rounded up to whole vectors: G's row stride
-  const long splits = std::max<long>(1, std::min<long>(at::get_num_threads(), g.batch));
+  const long splits = sample_splits(g);
   // Zeroed sample by sample just before its first scatter, while it is cached,
   // instead of in a separate pass over the whole tensor.
   auto grad_x = need_x ? torch::empty_like(x) : torch::Tensor();
