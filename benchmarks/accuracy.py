@@ -27,6 +27,7 @@ uncommitted changes unless --allow-dirty (which marks them).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -440,6 +441,12 @@ def run_names(frame: pd.DataFrame) -> pd.Series:
     return frame["run_dir"].map(lambda d: Path(d).name)
 
 
+def difference_bound(ci95: float, other_ci95: float) -> float:
+    """The 95% CI of a difference of two independent estimates with these CIs (their quadrature sum): two
+    results agree when they differ by less."""
+    return math.hypot(ci95, other_ci95)
+
+
 def reruns(frame: pd.DataFrame, latest: pd.DataFrame) -> list[str]:
     """Earlier rows of a run at the same task, training budget and seed but trained by other code (a rerun
     after a change meant to keep accuracy, e.g. a faster layer): both results side by side, and whether they
@@ -457,7 +464,7 @@ def reruns(frame: pd.DataFrame, latest: pd.DataFrame) -> list[str]:
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in paired.sort_values(["run", "ways", "shots"]).itertuples():
         difference = 100 * (row.acc - row.acc_before)
-        bound = 100 * (row.ci95**2 + row.ci95_before**2) ** 0.5
+        bound = 100 * difference_bound(row.ci95, row.ci95_before)
         lines.append(
             f"| {row.run} | {row.ways}w{row.shots}s | {row.code_before} | "
             f"{100 * row.acc_before:.2f} ± {100 * row.ci95_before:.2f} | {row.code} | {100 * row.acc:.2f} ± "

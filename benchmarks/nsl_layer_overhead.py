@@ -49,7 +49,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import add_allow_dirty, machine, provenance, write_results  # noqa: E402
-from benchmarks.nsl_overhead import layer_multiply_adds  # noqa: E402
+from benchmarks.nsl_overhead import layer_multiply_adds, on_pytorch_path  # noqa: E402
 from fewshot_nsl.backbones.similarity import Similarity  # noqa: E402
 from fewshot_nsl.nsl import DynamicNSLConv2d  # noqa: E402
 from fewshot_nsl.nsl.dynamic import CPU_CHUNK_ELEMENTS, _planes_modulated_conv, _TapModulatedConv  # noqa: E402
@@ -125,12 +125,6 @@ def layer_forwards(plain: nn.Module, layers: dict[str, nn.Module], x: torch.Tens
             for path in modulated_paths(layer):
                 forwards[f"{name}: modulated conv, {path}"] = modulated_only(layer, x, path)
     return forwards
-
-
-def on_pytorch_path(layer: DynamicNSLConv2d) -> DynamicNSLConv2d:
-    copy = deepcopy(layer)
-    copy.path = layer.pytorch_path
-    return copy
 
 
 PYTORCH_SUFFIX = ", PyTorch path"

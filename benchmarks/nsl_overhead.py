@@ -58,7 +58,7 @@ from fewshot_nsl.backbones import build_backbone  # noqa: E402
 from fewshot_nsl.backbones.similarity import Similarity  # noqa: E402
 from fewshot_nsl.episodes.episode import Episode  # noqa: E402
 from fewshot_nsl.learners import ProtoNet  # noqa: E402
-from fewshot_nsl.nsl import DynamicNSLConv2d, fold_static_nsl  # noqa: E402
+from fewshot_nsl.nsl import fold_static_nsl, use_pytorch_path  # noqa: E402
 from fewshot_nsl.runtime import FAST_MALLOC, seeded  # noqa: E402
 
 INPUTS = {"omniglot-20w5s5q": ((1, 28, 28), 20, 5, 5), "miniimagenet-5w5s15q": ((3, 84, 84), 5, 5, 15)}
@@ -82,11 +82,7 @@ ModelT = TypeVar("ModelT", bound=torch.nn.Module)
 def on_pytorch_path(model: ModelT) -> ModelT:
     """A copy of ``model`` whose dynamic layers all take their PyTorch path
     (``DynamicNSLConv2d.pytorch_path``: planes on diagonal stems, patches elsewhere)."""
-    copy = deepcopy(model)
-    for module in copy.modules():
-        if isinstance(module, DynamicNSLConv2d):
-            module.path = module.pytorch_path
-    return copy
+    return use_pytorch_path(deepcopy(model))
 
 
 def layer_multiply_adds(

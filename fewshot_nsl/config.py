@@ -67,6 +67,7 @@ class RunConfig:
     similarity: str | None = None
     nsl_form: str = "diagonal"
     nsl_hidden: int = 64
+    nsl_kernels: bool = True  # dynamic NSL on the compiled CPU kernels; false: PyTorch ops (nsl.use_pytorch_path)
     width: int | None = None
     plain_stem: bool = False
     weights: str = "real"  # real, binary ({0,1}, straight-through) or random-frozen: fewshot_nsl.backbones.weights
@@ -184,6 +185,8 @@ class RunConfig:
             for name in ("surrogate_classes", "samples_per_class", "surrogate_batch"):
                 if getattr(self, name) < (2 if name == "surrogate_classes" else 1):
                     raise UserError(f"{name} must be >= {2 if name == 'surrogate_classes' else 1}, got {getattr(self, name)}")
+        if not self.nsl_kernels and self.similarity != "dynamic":
+            raise UserError("--nsl-kernels false applies to dynamic NSL layers only; add --similarity dynamic or drop it")
         if self.init is not None and self.method == "exemplar":
             raise UserError("--init starts ProtoNet or MAML from a pretrained backbone; exemplar training starts from scratch")
         if self.split_ratios is not None:

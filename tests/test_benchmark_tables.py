@@ -6,8 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from benchmarks.accuracy import network_of, reruns, run_network
+from benchmarks.nsl_rerun_spread import comparisons, what_changes
 
 
 def test_rows_without_a_recorded_downsampling_read_as_max_pooling_and_other_backbones_have_none() -> None:
@@ -51,3 +53,20 @@ def test_a_rerun_on_other_code_is_paired_with_its_earlier_row_and_judged_by_the_
     # a row without training commits is named by its evaluation commit; 0.26 apart against ±0.10 → no
     assert "| bbb | 98.26 ± 0.07 | ccc | 98.00 ± 0.07 | -0.26 | no (±0.10) |" in five_shot
     assert reruns(rows.loc[[1, 2]], rows.loc[[1, 2]]) == []
+
+
+def test_rerun_spread_pairs_trainings_of_one_run_and_names_what_differs() -> None:
+    def training(run: str, variant: str, one_shot: float, five_shot: float) -> dict:
+        return {"run": run, "variant": variant,
+                "tasks": {"20w1s": {"acc": one_shot, "ci95": 0.21}, "20w5s": {"acc": five_shot, "ci95": 0.07}}}  # fmt: skip
+
+    pairs = comparisons([
+        training("h16", "kernels, 2 threads", 92.12, 98.26),
+        training("h16", "PyTorch path, 1 thread", 91.59, 98.21),
+        training("h16-seed1", "kernels, 2 threads", 90.00, 97.00),  # another run: never paired with h16
+    ])  # fmt: skip
+    assert [(p["task"], round(p["difference"], 2), p["within"]) for p in pairs] == [("20w1s", -0.53, False), ("20w5s", -0.05, True)]
+    assert pairs[0]["bound"] == pytest.approx((2 * 0.21**2) ** 0.5)
+    assert what_changes("kernels, 2 threads", "PyTorch path, 1 thread") == "implementation and threads"
+    assert what_changes("kernels, 2 threads", "kernels, 1 thread") == "threads"
+    assert what_changes("kernels, 2 threads", "kernels, 2 threads, again") == "nothing (same code, same threads)"

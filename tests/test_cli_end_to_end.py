@@ -76,6 +76,7 @@ def test_bad_input_gives_one_line_errors(workdir: Path, capsys: pytest.CaptureFi
         (["train", "--resume", "nowhere", "--ways", "5"], "drop the other training flags"),
         (["train", "--method", "maml", "--head", "learned", "--meta-sgd", "--lslr"], "Meta-SGD (per entry) or MAML++ LSLR"),
         (["train", "--device", "tpu"], "--device must be auto, cpu or cuda"),
+        (["train", "--backbone", "nsl-conv4", "--nsl-kernels", "false"], "applies to dynamic NSL layers only"),
     ]
     if not torch.cuda.is_available():
         cases.append((["train", "--device", "cuda"], "no CUDA device is available; use --device cpu or auto"))

@@ -15,6 +15,9 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, replace_all_batch_norm_modules_, vmap
 
 import fewshot_nsl.nsl.dynamic as dynamic_module
+from fewshot_nsl.config import RunConfig
+from fewshot_nsl.errors import UserError
+from fewshot_nsl.learners import build_learner, recipe_columns
 from fewshot_nsl.nsl import DynamicNSLConv2d, StaticNSLConv2d, fold_static_nsl
 
 FORMS = ["diagonal", "full"]
@@ -561,3 +564,27 @@ def test_bad_penalty_raises(penalty):
 def test_bad_hidden_raises(hidden):
     with pytest.raises(ValueError, match="hidden"):
         DynamicNSLConv2d(3, 4, hidden=hidden)
+
+
+def test_nsl_kernels_false_trains_dynamic_layers_on_their_pytorch_path_as_a_recipe_of_its_own() -> None:
+    """``nsl_kernels: false`` (the implementation the kernels replaced) builds the same network on PyTorch ops:
+    the same function to float32 rounding, and a row the leaderboard tells apart."""
+    config = RunConfig(backbone="nsl-conv4", similarity="dynamic", nsl_hidden=8, width=16, device="cpu").resolve()
+    on_kernels = build_learner(config, (1, 28, 28)).eval()
+    pytorch_config = config.updated({"nsl_kernels": False})
+    on_pytorch = build_learner(pytorch_config, (1, 28, 28)).eval()
+    on_pytorch.load_state_dict(on_kernels.state_dict())
+
+    def paths(learner: nn.Module) -> list[str]:
+        return [m.path for m in learner.modules() if isinstance(m, DynamicNSLConv2d)]
+
+    assert paths(on_kernels) == ["fused"] * 4
+    assert paths(on_pytorch) == ["planes", "patches", "patches", "patches"]  # 1-channel stem: planes
+    images = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(on_pytorch.embed(images), on_kernels.embed(images), rtol=1e-4, atol=1e-5)
+    assert "nsl-pytorch-ops" in recipe_columns(pytorch_config)["recipe"]
+    assert "nsl-pytorch-ops" not in recipe_columns(config)["recipe"]
+    assert recipe_columns(pytorch_config)["config_hash"] != recipe_columns(config)["config_hash"]
+    with pytest.raises(UserError, match="dynamic NSL layers only"):
+        RunConfig(backbone="nsl-conv4", nsl_kernels=False).resolve()

@@ -29,6 +29,8 @@ OPTIONS: list[tuple[str, object, str]] = [
     ("--similarity", KINDS[1:], "NSL kind for nsl-* backbones (default static)"),
     ("--nsl-form", FORMS, "NSL tap mixing: diagonal (k² weights) or full (k²×k² matrix)"),
     ("--nsl-hidden", int, "width of the dynamic NSL meta-network (default 64)"),
+    ("--nsl-kernels", _flag, "dynamic NSL on the compiled CPU kernels, true/false (default true; false: PyTorch ops "
+     "throughout, the implementation the kernels replaced, slower; the same function summed in another order)"),
     ("--width", int, "Conv-4 filters (default 64; 32 for MAML on Mini-ImageNet)"),
     ("--weights", WEIGHTS, "plain backbones' convolution weights: real (default), binary ({0,1} connectivity, latent scores "
      "trained straight-through; Colombo & Gao 2020) or random-frozen (seeded random init, only BatchNorm trains)"),

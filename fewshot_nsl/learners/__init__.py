@@ -15,6 +15,7 @@ from fewshot_nsl.learners.base import BatchResult, FewShotLearner
 from fewshot_nsl.learners.exemplar import ExemplarCNN
 from fewshot_nsl.learners.maml import MAML, MAMLPlusPlus
 from fewshot_nsl.learners.protonet import ProtoNet
+from fewshot_nsl.nsl import use_pytorch_path
 
 
 def maml_plus_plus(config: RunConfig) -> MAMLPlusPlus:
@@ -32,8 +33,8 @@ def recipe_columns(config: RunConfig) -> dict[str, object]:
     """What tells two trainings apart beyond method and backbone: the leaderboard records all of it.
 
     ``recipe`` is a readable summary, e.g. ``5w1s1q mb32 6000it strided-conv4 learned-head(normal) 1/3
-    steps a=0.4 mean-loss second-order [e27e8bfc32db]`` (``train+val``, augmentation, MAML++ switches and
-    ``ca`` for a cosine meta learning rate appended when used), ending with ``config_hash``, which
+    steps a=0.4 mean-loss second-order [e27e8bfc32db]`` (``train+val``, augmentation, ``nsl-pytorch-ops``,
+    MAML++ switches and ``ca`` for a cosine meta learning rate appended when used), ending with ``config_hash``, which
     fingerprints every recipe field (all but seed, paths and device), so no two different recipes share
     a label.
     """
@@ -59,6 +60,7 @@ def recipe_columns(config: RunConfig) -> dict[str, object]:
     label += " strided-conv4" if config.conv4_downsample == "stride" and config.backbone.endswith("conv4") else ""
     label += f" aug:{columns['augmentation']}" if config.augment else ""
     label += " amp-bf16" if config.amp else ""
+    label += " nsl-pytorch-ops" if not config.nsl_kernels else ""
     label += f" weights:{config.weights}" if config.weights != "real" else ""
     if config.method == "maml":
         order = "first" if config.first_order else "second"
@@ -94,7 +96,7 @@ LATER_FIELDS = {
     "split_ratios": (None,), "split_seed": (0,), "val_queries": (None,), "augment": (False,), "amp": (False,),
     "conv4_downsample": (None, "maxpool"), "head_init": (None, "uniform"),
     "surrogate_classes": (8000,), "samples_per_class": (100,), "surrogate_batch": (128,), "exemplar_transforms": (None,),
-    "init": (None,), "weights": ("real",),
+    "init": (None,), "weights": ("real",), "nsl_kernels": (True,),
 }  # fmt: skip
 AUGMENT_SETTINGS = ("augment_crop_scale", "augment_jitter", "augment_flip")
 
@@ -120,6 +122,8 @@ def build_learner(config: RunConfig, image_shape: tuple[int, int, int]) -> FewSh
         conv4_downsample=config.conv4_downsample or "maxpool",
         weights=config.weights,
     )
+    if not config.nsl_kernels:
+        use_pytorch_path(backbone)
     if config.method == "protonet":
         return ProtoNet(backbone, distance=config.distance)
     if config.method == "exemplar":

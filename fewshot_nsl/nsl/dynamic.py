@@ -450,3 +450,15 @@ class DynamicNSLConv2d(NSLConvBase):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, hidden={self.hidden}, path={self.path}"
+
+
+def use_pytorch_path(model: nn.Module) -> nn.Module:
+    """Put every dynamic NSL layer in ``model`` on its :attr:`~DynamicNSLConv2d.pytorch_path`, in place.
+
+    The same function as the default (fused) path, summed in PyTorch's order:
+    what dynamic layers computed before the compiled kernels existed. Returns ``model``.
+    """
+    for module in model.modules():
+        if isinstance(module, DynamicNSLConv2d):
+            module.path = module.pytorch_path
+    return model
