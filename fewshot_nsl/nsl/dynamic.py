@@ -455,8 +455,8 @@ class DynamicNSLConv2d(NSLConvBase):
 def use_pytorch_path(model: nn.Module) -> nn.Module:
     """Put every dynamic NSL layer in ``model`` on its :attr:`~DynamicNSLConv2d.pytorch_path`, in place.
 
-    The same function as the default (fused) path, summed in PyTorch's order:
-    what dynamic layers computed before the compiled kernels existed. Returns ``model``.
+    The same function as the default (fused) path, summed in PyTorch's order: the
+    implementation the compiled kernels replaced and are tested against. Returns ``model``.
     """
     for module in model.modules():
         if isinstance(module, DynamicNSLConv2d):
