@@ -91,10 +91,12 @@ def train_and_evaluate(run: Run, variant: Variant, episodes: int, seed: int, run
 
 
 def comparisons(trainings: list[dict]) -> list[dict]:
-    """Every pair of trainings of one run, per task: difference and the suite's bound (CIs in quadrature)."""
+    """Every pair of trainings of one run, per task: difference and the suite's bound (CIs in quadrature).
+    The repeated training is paired with its original only (elsewhere it would count each pair twice)."""
     rows = []
     for first, second in combinations(trainings, 2):
-        if first["run"] != second["run"]:
+        labels = {first["variant"], second["variant"]}
+        if first["run"] != second["run"] or (REPEATED[1] in labels and labels != set(REPEATED)):
             continue
         for task, a in first["tasks"].items():
             b = second["tasks"][task]

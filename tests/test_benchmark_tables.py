@@ -67,6 +67,14 @@ def test_rerun_spread_pairs_trainings_of_one_run_and_names_what_differs() -> Non
     ])  # fmt: skip
     assert [(p["task"], round(p["difference"], 2), p["within"]) for p in pairs] == [("20w1s", -0.53, False), ("20w5s", -0.05, True)]
     assert pairs[0]["bound"] == pytest.approx((2 * 0.21**2) ** 0.5)
+    repeated = comparisons([
+        training("h16", "kernels, 2 threads", 92.12, 98.26),
+        training("h16", "kernels, 2 threads, again", 92.12, 98.26),
+        training("h16", "kernels, 1 thread", 91.53, 98.15),
+    ])  # fmt: skip
+    assert [(p["first"], p["second"]) for p in repeated][::2] == [
+        ("kernels, 2 threads", "kernels, 2 threads, again"), ("kernels, 2 threads", "kernels, 1 thread")
+    ]  # the repeat is paired with its original only
     assert what_changes("kernels, 2 threads", "PyTorch path, 1 thread") == "implementation and threads"
     assert what_changes("kernels, 2 threads", "kernels, 1 thread") == "threads"
     assert what_changes("kernels, 2 threads", "kernels, 2 threads, again") == "nothing (same code, same threads)"
