@@ -254,8 +254,8 @@ class _TapModulatedConv(torch.autograd.Function):
             g = to_channels_last(grad_out[start:stop])
             if need_w:
                 # Taken as the weight gradient of the transposed 1x1 convolution
-                # (O -> k*k*C): oneDNN ran it 1.3x faster than the direct one at
-                # 42x42 (benchmarks/nsl_layer_overhead.py shapes).
+                # (O -> k*k*C), the form oneDNN ran faster than the direct one in a
+                # development timing at 42x42 (not a committed measurement).
                 part = torch.nn.grad.conv2d_weight(g, transposed_weight.shape, _as_planes(modulated, out_h, out_w))
                 grad_w = part if grad_w is None else grad_w + part
             if not (need_x or need_sim):
@@ -309,8 +309,8 @@ def _planes_modulated_conv(
 
 
 # Input channels up to which the diagonal form takes :func:`_planes_modulated_conv` by default
-# when it computes in PyTorch (benchmarks/nsl_layer_overhead.py: 2-4x faster than the chunked
-# path on 1- and 3-channel stems).
+# when it computes in PyTorch (benchmarks/results/nsl_layer_overhead.md: 1.8-3.2x faster than
+# the chunked path on 1- and 3-channel stems).
 PLANES_MAX_CHANNELS = 4
 
 
