@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ METHODS = ("protonet", "maml", "exemplar")
 # a saved config without them is read with these values (engine.checkpoint.read_config).
 LEGACY_VALUES = {"conv4_downsample": "maxpool", "head_init": "uniform"}
 LR_SCHEDULES = ("step", "cosine", "constant")
+DISTANCES = ("euclidean", "cosine")  # ProtoNet's (learners.protonet)
 CPU_VECTORISE_MAX_IMAGES = 40  # support + query images per task; see RunConfig._vectorise_by_default
 
 
@@ -196,17 +198,37 @@ class RunConfig:
             defaults["protocol"] = class_split
         filled = {k: v for k, v in defaults.items() if getattr(self, k) is None}
         resolved = dataclasses.replace(self, **filled)
-        lowest = {"ways": 2} | dict.fromkeys(
-            ("shots", "queries", "episodes", "meta_batch", "val_every", "val_episodes", "checkpoint_every"), 1
-        )  # fmt: skip
-        for name, low in lowest.items():
-            if getattr(resolved, name) < low:
-                raise UserError(f"{name} must be >= {low}, got {getattr(resolved, name)}")
-        if resolved.lr <= 0:
-            raise UserError(f"lr must be > 0, got {resolved.lr}")
+        resolved._check_ranges()
         if resolved.lr_schedule not in LR_SCHEDULES:
             raise UserError(f"unknown lr_schedule {resolved.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
+        if resolved.distance not in DISTANCES:
+            raise UserError(f"unknown distance {resolved.distance!r}; choose one of {', '.join(DISTANCES)}")
+        if resolved.drop_rate > 0 and "resnet12" not in resolved.backbone:
+            raise UserError(f"--drop-rate is ResNet-12's DropBlock; {resolved.backbone} has none: drop it or use a resnet12 backbone")
         return resolved
+
+    def _check_ranges(self) -> None:
+        """Refuse numbers training would crash on (a step size of 0) or silently misuse (a NaN learning rate),
+        before anything is read or written; ``None`` (the recipe's default) is always accepted."""
+        lowest = {"ways": 2, "val_ways": 2} | dict.fromkeys(
+            ("shots", "queries", "episodes", "meta_batch", "val_every", "val_episodes", "checkpoint_every", "val_shots",
+             "val_queries", "lr_step", "width", "image_size", "nsl_hidden", "inner_steps", "eval_inner_steps",
+             "msl_anneal_iterations"), 1,
+        )  # fmt: skip
+        for name, low in lowest.items():
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise UserError(f"{name} must be >= {low}, got {value}; set --{name.replace('_', '-')} to {low} or more")
+        positive = {"lr": self.lr, "lr_gamma": self.lr_gamma, "inner_lr": self.inner_lr}
+        for name, value in positive.items():
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise UserError(f"{name} must be a finite number > 0, got {value}; set --{name.replace('_', '-')} to one")
+        for name in ("min_lr", "weight_decay", "first_order_until"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise UserError(f"{name} must be a finite number >= 0, got {value}; set --{name.replace('_', '-')} to one")
+        if not 0 <= self.drop_rate < 1:
+            raise UserError(f"drop_rate must be in [0, 1), got {self.drop_rate}; set --drop-rate to e.g. 0.1 (0: no DropBlock)")
 
     def _vectorise_by_default(self, recipe_queries: int) -> bool:
         """vmap MAML's meta-batch on CUDA (one launch per layer for all tasks), and on CPU for small tasks.

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -15,6 +16,7 @@ from fewshot_nsl.data.miniimagenet import load_miniimagenet
 from fewshot_nsl.data.omniglot import DRAWERS, SETS, load_omniglot
 from fewshot_nsl.data.preprocess import Preprocess
 from fewshot_nsl.engine.trainer import train
+from fewshot_nsl.errors import UserError
 from fewshot_nsl.nsl import StaticNSLConv2d
 from tests.test_reader_properties import write_omniglot
 
@@ -86,3 +88,8 @@ def test_a_trained_run_scores_outside_files_as_it_scores_the_data(tmp_path: Path
     del state["image_shape"]
     torch.save(state, best)
     assert load_trained(tmp_path / "run", device="cpu").preprocess == run.preprocess
+
+
+def test_a_checkpoint_other_than_best_or_last_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="checkpoint must be 'best' or 'last', got 'bset'"):
+        load_trained(tmp_path, checkpoint="bset")

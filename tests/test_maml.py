@@ -8,13 +8,15 @@ global random state.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewshot_nsl.engine.evaluator import for_inference
+from fewshot_nsl.config import RunConfig
+from fewshot_nsl.engine.evaluator import EvalRequest, for_inference, select_manifest
 from fewshot_nsl.episodes.episode import Episode
 from fewshot_nsl.errors import UserError
 from fewshot_nsl.learners.base import FewShotLearner
@@ -442,3 +444,9 @@ def test_zero_head_takes_each_episodes_ways() -> None:
     learner = MAML(redraw_(TinyBackbone(), generator), ways=5, head="zero")
     episode = make_episode(generator, 3, 1, 2, TINY_IMAGE)
     assert learner.fit(episode.support_images, episode.support_labels, 3)(episode.query_images).shape == (6, 3)
+
+
+def test_evaluating_a_learned_head_on_other_ways_is_refused_before_any_episode() -> None:
+    config = RunConfig(method="maml", ways=20, shots=1).resolve()
+    with pytest.raises(UserError, match="learned head scores 20-way episodes only, not 5-way: drop --ways, or score 5 ways with --head"):
+        select_manifest(EvalRequest(Path("-"), ways=5), config, None)  # refused before the test split is looked at

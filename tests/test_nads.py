@@ -99,3 +99,16 @@ def test_nads_command_is_reproducible_from_its_seed(tmp_path: Path) -> None:
         assert run(["nads", "--backbone", "conv4", "--samples", "6", "--top", "2", "--out", str(tmp_path / name)]) == 0
         outputs.append((tmp_path / name / "spectrum.csv").read_text())
     assert outputs[0] == outputs[1]
+
+
+def test_nads_command_refuses_bad_input_before_computing(tmp_path: Path, capsys) -> None:
+    (tmp_path / "file").write_text("keep")
+    for extra, message in (
+        (["--out", str(tmp_path / "file")], "is a file; give a folder path"),
+        (["--input-size", "8"], "--input-size 8 is too small for conv4's pooling; give a larger --input-size"),
+        (["--separability", "--frequency-step", "0"], "--frequency-step must be >= 1"),
+        (["--separability", "--epochs", "0"], "separability: samples, batch and epochs must be >= 1"),
+    ):
+        assert run(["nads", "--samples", "2", "--out", str(tmp_path / "out"), *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and (tmp_path / "file").read_text() == "keep"

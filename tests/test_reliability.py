@@ -18,7 +18,7 @@ from fewshot_nsl.cli.main import run
 from fewshot_nsl.config import RunConfig
 from fewshot_nsl.data.roots import CACHE_ENV, DATA_ENV
 from fewshot_nsl.engine.checkpoint import load_checkpoint
-from fewshot_nsl.engine.trainer import resume, train
+from fewshot_nsl.engine.trainer import _best_so_far, resume, train
 from fewshot_nsl.errors import UserError
 from fewshot_nsl.results import leaderboard
 from tests.hostile_pickles import DiskFull, RunsCode
@@ -113,6 +113,8 @@ def test_a_nonfinite_loss_stops_keeping_the_last_good_checkpoint_or_is_skipped(t
         train(config, progress=False)
     failed_at = int(str(stopped.value).split("at iteration ")[1].split(";")[0])
     assert f"(iteration {failed_at - 1})" in str(stopped.value) and "--skip-nonfinite" in str(stopped.value)
+    # advice that can be followed: --resume takes no --lr, so the run starts again from its config
+    assert "--config runs/nan/config.yaml --lr LOWER --overwrite" in str(stopped.value) and "--resume" not in str(stopped.value)
     kept = load_checkpoint(tmp_path / "runs/nan/last.pt")
     assert kept["progress"]["iteration"] == failed_at - 1
     assert all(torch.isfinite(t).all() for t in kept["model"].values() if t.is_floating_point())
@@ -207,3 +209,12 @@ def test_training_with_static_nsl_layers_and_their_penalty_runs(tmp_path: Path, 
     config = RunConfig(method="protonet", backbone="nsl-conv4", similarity="static", nsl_form=form, width=8, ways=5,
                        shots=1, queries=1, episodes=3, val_every=1000, run_dir=f"runs/{form}")  # fmt: skip
     assert train(config, progress=False).iterations == 3
+
+
+def test_a_resumed_run_beats_the_best_checkpoint_not_an_older_record(tmp_path: Path) -> None:
+    """best.pt can be newer than last.pt (validated after the last checkpoint, then stopped)."""
+    assert _best_so_far(tmp_path, 0.7) == 0.7  # no best.pt yet
+    torch.save({"model": {}, "val_acc": 0.8}, tmp_path / "best.pt")
+    assert _best_so_far(tmp_path, 0.7) == 0.8 and _best_so_far(tmp_path, 0.9) == 0.9 and _best_so_far(tmp_path, None) == 0.8
+    torch.save({"model": {}, "val_acc": None}, tmp_path / "best.pt")  # trained on train + val: no validation
+    assert _best_so_far(tmp_path, None) is None

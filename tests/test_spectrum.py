@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from fewshot_nsl.analysis.spectrum import layer_matrices, singular_values, spectrum_distance
+from fewshot_nsl.analysis.spectrum import layer_matrices, singular_values, spectrum_distance, write_spectra
 from fewshot_nsl.backbones import build_backbone, resolve_similarity
 from fewshot_nsl.cli.main import run
 from fewshot_nsl.config import RunConfig
@@ -87,3 +87,13 @@ def test_spectrum_cli_compares_trained_runs(tmp_path: Path, cache_dir: Path, cap
     train(resnet, progress=False)
     assert run(["spectrum", runs[0], str(tmp_path / "resnet"), "--out", str(tmp_path / "mixed")]) == 2
     assert "one architecture" in capsys.readouterr().err
+
+
+def test_spectrum_refuses_an_out_that_is_a_file_and_mixed_architectures_before_writing(tmp_path: Path, capsys) -> None:
+    (tmp_path / "file").write_text("keep")
+    assert run(["spectrum", "nowhere", "--out", str(tmp_path / "file")]) == 2
+    assert "is a file; give a folder path" in capsys.readouterr().err
+    conv4 = singular_values(build_backbone("conv4", (1, 28, 28), width=8))
+    with pytest.raises(UserError, match="one architecture"):
+        write_spectra({"conv4": conv4, "other": {"layer": torch.ones(2)}}, tmp_path / "s")
+    assert not (tmp_path / "s").exists()

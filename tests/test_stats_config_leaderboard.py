@@ -1,11 +1,15 @@
 """CI formula, config loading/validation and the leaderboard file."""
 
+import io
 import math
+import os
+import stat
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from fewshot_nsl.cli.main import run
 from fewshot_nsl.config import RunConfig, load_config
 from fewshot_nsl.data.registry import dataset_spec
 from fewshot_nsl.errors import UserError
@@ -192,3 +196,47 @@ def test_old_rows_are_marked_unverified_or_dirty_and_the_mark_is_written_back(tm
     leaderboard.mark_provenance(path)  # without a new row
     assert pd.read_csv(path)["provenance"].tolist() == ["unverified", "dirty", "unverified"]
     assert "provenance" not in pd.read_csv(leaderboard.backup_path(path)).columns
+
+
+def test_integer_columns_with_blanks_filter_as_integers_and_stay_integers(tmp_path):
+    path = tmp_path / "board.csv"
+    leaderboard.append(path, row(0.9))  # no nsl_hidden: a blank
+    leaderboard.append(path, row(0.8, nsl_hidden=64))
+    leaderboard.append(path, row(0.7, nsl_hidden=32))
+    assert pd.read_csv(path, dtype=str)["nsl_hidden"].tolist()[1:] == ["64", "32"]  # not rewritten as 64.0
+    assert leaderboard.ranked(leaderboard.read(path), {"nsl_hidden": "64"})["acc"].tolist() == [0.8]
+    # a file that already says 64.0 (written before): the filter still matches, the file keeps its text
+    old = tmp_path / "old.csv"
+    pd.DataFrame([row(0.9), row(0.8, nsl_hidden=64.0)]).to_csv(old, index=False)
+    assert leaderboard.ranked(leaderboard.read(old), {"nsl_hidden": "64"})["acc"].tolist() == [0.8]
+    assert leaderboard.ranked(leaderboard.read(old), {"nsl_hidden": "64.0"})["acc"].tolist() == [0.8]
+
+
+def test_committed_leaderboards_read_and_rewrite_unchanged(tmp_path):
+    for committed in sorted((Path(__file__).parents[1] / "benchmarks" / "results").glob("*leaderboard.csv")):
+        copy = tmp_path / committed.name
+        copy.write_bytes(committed.read_bytes())
+        leaderboard.mark_provenance(copy)  # they have the provenance column: a rewrite must not change a byte
+        assert copy.read_bytes() == committed.read_bytes(), committed.name
+
+
+def test_rewrites_keep_the_files_permissions(tmp_path):
+    path = tmp_path / "board.csv"
+    leaderboard.append(path, row(0.9))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+    path.chmod(0o640)
+    leaderboard.append(path, row(0.8))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+
+
+def test_leaderboard_command_checks_the_plot_path_first_and_keeps_status_off_stdout(tmp_path, capsys):
+    path = tmp_path / "board.csv"
+    leaderboard.append(path, row(0.9))
+    for plot, message in ((tmp_path / "missing" / "p.png", "does not exist"), (tmp_path / "p.xyz", "cannot write .xyz")):
+        assert run(["leaderboard", "--csv", str(path), "--plot", str(plot)]) == 2
+        assert message in capsys.readouterr().err
+    assert run(["leaderboard", "--csv", str(path), "--format", "csv", "--plot", str(tmp_path / "p.png"), "--mark-provenance"]) == 0
+    out, err = capsys.readouterr()
+    assert len(pd.read_csv(io.StringIO(out))) == 1 and "plot written" in err and "provenance written" in err

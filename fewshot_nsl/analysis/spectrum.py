@@ -77,10 +77,14 @@ def write_spectra(spectra: dict[str, dict[str, torch.Tensor]], out: Path) -> pd.
     """``spectra.csv`` (run, layer, index, singular value), ``distances.csv`` (run × run) and
     ``spectra.png`` (one panel per layer, one line per run, unit-norm spectra on a log scale).
 
-    Returns the distance matrix.
+    Returns the distance matrix, computed first: runs of different architectures are refused before
+    anything is written.
     """
-    out.mkdir(parents=True, exist_ok=True)
     runs = list(spectra)
+    distances = pd.DataFrame(
+        [[spectrum_distance(spectra[a], spectra[b]) for b in runs] for a in runs], index=runs, columns=runs
+    )
+    out.mkdir(parents=True, exist_ok=True)
     rows = [
         {"run": run, "layer": layer, "index": index, "singular_value": float(value)}
         for run, layers in spectra.items()
@@ -88,9 +92,6 @@ def write_spectra(spectra: dict[str, dict[str, torch.Tensor]], out: Path) -> pd.
         for index, value in enumerate(values)
     ]
     pd.DataFrame(rows).to_csv(out / "spectra.csv", index=False)
-    distances = pd.DataFrame(
-        [[spectrum_distance(spectra[a], spectra[b]) for b in runs] for a in runs], index=runs, columns=runs
-    )
     distances.to_csv(out / "distances.csv", index_label="run")
     _plot(spectra, out / "spectra.png")
     return distances

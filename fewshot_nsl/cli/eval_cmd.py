@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fewshot_nsl.engine.distributed import is_main_process
 from fewshot_nsl.engine.evaluator import EvalRequest, evaluate_run
 from fewshot_nsl.learners.logreg import EVAL_HEADS
+from fewshot_nsl.results.stats import Summary
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -32,13 +32,18 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace) -> None:
-    summary, row = evaluate_run(
+    def report(summary: Summary, row: dict) -> None:
+        """Printed before the leaderboard append, so the result is on screen even if the append fails."""
+        head = f" ({args.head} head)" if args.head else ""
+        checkpoint = " (last checkpoint)" if args.checkpoint == "last" else ""
+        print(f"{row['dataset']}/{row['protocol']} {row['ways']}-way {row['shots']}-shot{head}{checkpoint}: {summary}  "
+              f"[{row['manifest']} #{row['manifest_hash']}]", flush=True)  # fmt: skip
+
+    evaluate_run(
         EvalRequest(
             run_dir=args.run_dir, ways=args.ways, shots=args.shots, queries=args.queries, episodes=args.episodes,
             leaderboard=args.leaderboard, data_root=args.data_root, device=args.device,
             checkpoint=args.checkpoint, manifest=args.manifest, progress=not args.no_progress, head=args.head,
-        )
+        ),
+        report,
     )  # fmt: skip
-    if is_main_process():
-        head = f" ({args.head} head)" if args.head else ""
-        print(f"{row['dataset']}/{row['protocol']} {row['ways']}-way {row['shots']}-shot{head}: {summary}  [{row['manifest']} #{row['manifest_hash']}]")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from fewshot_nsl.errors import UserError
@@ -27,12 +28,15 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace) -> None:
+    """Status lines go to stderr: stdout carries the table alone (``--format csv`` can be piped into a file)."""
     if not args.csv.exists():
         raise UserError(f"no leaderboard at {args.csv}; evaluate a run first (`fewshot-nsl eval --run-dir ...`) or pass --csv")
+    if args.plot:
+        leaderboard.check_plot_path(args.plot)
     if args.mark_provenance:
         marked = leaderboard.mark_provenance(args.csv)
         counts = marked["provenance"].value_counts().to_dict()
-        print(f"{args.csv}: provenance written ({', '.join(f'{n} {k}' for k, n in sorted(counts.items()))})")
+        print(f"{args.csv}: provenance written ({', '.join(f'{n} {k}' for k, n in sorted(counts.items()))})", file=sys.stderr)
     where = dict(_pair(item) for item in args.where)
     where |= {k: v for k, v in (("dataset", args.dataset), ("ways", args.ways), ("shots", args.shots)) if v is not None}
     table = leaderboard.ranked(leaderboard.read(args.csv), where, args.group_by)
@@ -42,7 +46,7 @@ def handle(args: argparse.Namespace) -> None:
     print(leaderboard.render(table, args.format, args.group_by))
     if args.plot:
         leaderboard.plot(table, args.plot)
-        print(f"plot written to {args.plot}")
+        print(f"plot written to {args.plot}", file=sys.stderr)
 
 
 def _pair(item: str) -> tuple[str, str]:

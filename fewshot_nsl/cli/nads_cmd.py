@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fewshot_nsl.analysis import check_out_folder
 from fewshot_nsl.analysis.nads import (
     ScalarReadout,
     anisotropy_directions,
@@ -20,7 +21,7 @@ from fewshot_nsl.analysis.nads import (
     write_separability,
 )
 from fewshot_nsl.backbones import BACKBONES, build_backbone, resolve_similarity
-from fewshot_nsl.backbones.similarity import FORMS, KINDS
+from fewshot_nsl.backbones.similarity import FORMS, KINDS, Similarity
 from fewshot_nsl.errors import UserError
 from fewshot_nsl.runtime import seeded
 
@@ -59,10 +60,18 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace) -> None:
+    """Every input is checked before the first initialisation: the computation takes minutes."""
     if args.samples < 2 or args.input_size < 4 or args.channels < 1 or args.top < 1:
         raise UserError("--samples must be >= 2, --input-size >= 4, --channels and --top >= 1")
+    if args.separability:
+        if args.frequency_step < 1:
+            raise UserError("--frequency-step must be >= 1")
+        recipe = SeparabilityRecipe(**{flag: getattr(args, flag) for flag, _, _ in SEPARABILITY_FLAGS})
+        recipe.check()
+    check_out_folder(args.out)
     similarity = resolve_similarity(args.backbone, args.similarity, args.nsl_form, args.nsl_hidden)
     shape = (args.channels, args.input_size, args.input_size)
+    _check_input_size(args.backbone, shape, similarity)
 
     def build(generator: torch.Generator) -> ScalarReadout:
         # Layer constructors draw from the default generator: seed it from this initialisation's own.
@@ -74,10 +83,6 @@ def handle(args: argparse.Namespace) -> None:
     nads = anisotropy_directions(gradients)
     write_report(nads, args.out, args.top)
     if args.separability:
-        if args.frequency_step < 1:
-            raise UserError("--frequency-step must be >= 1")
-        recipe = SeparabilityRecipe(**{flag: getattr(args, flag) for flag, _, _ in SEPARABILITY_FLAGS})
-        recipe.check()
         frequencies = range(0, args.input_size, args.frequency_step)
         directions = {(r, c): dct_direction(args.input_size, r, c) for r in frequencies for c in frequencies}
         network = separability(build, directions, args.channels, args.seed, recipe)
@@ -86,3 +91,12 @@ def handle(args: argparse.Namespace) -> None:
         control = separability(lambda g: ScalarReadout(nn.Flatten(), flat, g), directions, args.channels, args.seed, recipe)
         write_separability(network, control, args.out)
     print(f"{args.backbone} ({similarity.label}), {args.samples} initialisations: NADs in {args.out}")
+
+
+def _check_input_size(backbone: str, shape: tuple[int, int, int], similarity: Similarity) -> None:
+    """A backbone whose pooling leaves no pixel of ``shape`` is refused, naming this command's flag
+    (the backbone's own message names training's --image-size)."""
+    try:
+        build_backbone(backbone, shape, similarity=similarity)
+    except UserError:
+        raise UserError(f"--input-size {shape[-1]} is too small for {backbone}'s pooling; give a larger --input-size, e.g. 28") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fewshot_nsl.analysis import check_out_folder
 from fewshot_nsl.analysis.spectrum import singular_values, write_spectra
 from fewshot_nsl.api import load_trained
 from fewshot_nsl.errors import UserError
@@ -24,6 +25,7 @@ def handle(args: argparse.Namespace) -> None:
     labels = [str(path) for path in args.run_dirs]
     if len(set(labels)) != len(labels):
         raise UserError("a run directory is given twice; name each run once")
+    check_out_folder(args.out)
     spectra = {
         label: singular_values(load_trained(path, args.checkpoint, device="cpu").learner.backbone)
         for label, path in zip(labels, args.run_dirs)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fewshot_nsl.backbones import BACKBONES, WEIGHTS
 from fewshot_nsl.backbones.similarity import FORMS, KINDS
-from fewshot_nsl.config import LR_SCHEDULES, METHODS, RunConfig, load_config
+from fewshot_nsl.config import DISTANCES, LR_SCHEDULES, METHODS, RunConfig, load_config
 from fewshot_nsl.engine.distributed import is_main_process
 from fewshot_nsl.engine.trainer import resume, train
 from fewshot_nsl.errors import UserError
@@ -36,7 +36,7 @@ OPTIONS: list[tuple[str, object, str]] = [
      "trained straight-through; Colombo & Gao 2020) or random-frozen (seeded random init, only BatchNorm trains)"),
     ("--plain-stem", "store_true", "keep the first convolution plain in nsl-* backbones"),
     ("--drop-rate", float, "ResNet-12 DropBlock rate (default 0)"),
-    ("--distance", ("euclidean", "cosine"), "ProtoNet distance (default euclidean)"),
+    ("--distance", DISTANCES, "ProtoNet distance (default euclidean)"),
     ("--dataset", str, "omniglot, miniimagenet, or a path to an image folder <dir>/<split>/<class>/<img>"),
     ("--protocol", str, "omniglot: vinyals (default) or lake; miniimagenet: ravi"),
     ("--split-ratios", str, "an image folder of class folders (no split folders): train,val,test class fractions, e.g. 0.64,0.16,0.20"),

@@ -67,7 +67,9 @@ def load_split(
     """Load one split as uint8 tensors (decoded once, then served from the cache)."""
     spec = dataset_spec(dataset)
     protocol = resolve_protocol(dataset, protocol)
-    size = image_size or spec.image_size
+    size = spec.image_size if image_size is None else image_size
+    if size < 1:
+        raise UserError(f"image size must be >= 1, got {size}; set --image-size (or image_size in the config) to 1 or more")
     if dataset == "omniglot":
         return load_omniglot(data_root(root), protocol, split, cache_root(), size)
     if dataset == "miniimagenet":

@@ -16,10 +16,11 @@ import os
 import pickle
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -43,10 +44,19 @@ def save_atomically(obj: Any, path: Path) -> None:
 
     A failed write (disk full, ...) removes the temporary file and leaves the previous ``path`` intact.
     """
+    _write_atomically(path, lambda handle: torch.save(obj, handle))
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """``text`` written as ``save_atomically`` writes a checkpoint: a reader never sees a torn file."""
+    _write_atomically(path, lambda handle: handle.write(text.encode()))
+
+
+def _write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as handle:
-            torch.save(obj, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
     except OSError as error:
@@ -112,6 +122,8 @@ def prepare_run_dir(run_dir: Path, config: RunConfig, overwrite: bool) -> Path |
     the new one nor deleted.
     """
     moved = None
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--run-dir {run_dir} is a file, not a folder; give another --run-dir")
     if run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
             hint = f"resume it with `fewshot-nsl train --resume {run_dir}`, " if (run_dir / LAST).exists() else ""
@@ -119,20 +131,46 @@ def prepare_run_dir(run_dir: Path, config: RunConfig, overwrite: bool) -> Path |
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
         moved = run_dir.with_name(f"{run_dir.name}.replaced-{stamp}")
         shutil.move(str(run_dir), moved)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create --run-dir {run_dir} ({error.strerror or error}); give another --run-dir") from None
     save_config(config, run_dir / CONFIG_FILE)
     return moved
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
-    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    write_text_atomically(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    """The training summary (empty if the run has none); a damaged one is a one-line error."""
+    path = run_dir / SUMMARY_FILE
+    if not path.exists():
+        return {}
+    try:
+        summary = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{path} is damaged ({error}); restore it, or delete it if the run is to be resumed") from None
+    if not isinstance(summary, dict):
+        raise UserError(f"{path} is damaged (not a JSON object); restore it, or delete it if the run is to be resumed")
+    return summary
 
 
 def read_config(run_dir: Path) -> RunConfig:
-    if not (run_dir / CONFIG_FILE).exists():
+    path = run_dir / CONFIG_FILE
+    if not path.exists():
         raise UserError(f"{run_dir} has no {CONFIG_FILE}; train into it first with `fewshot-nsl train --run-dir {run_dir}`")
-    saved = yaml.safe_load((run_dir / CONFIG_FILE).read_text()) or {}
-    return RunConfig().updated({**LEGACY_VALUES, **saved})
+    try:
+        saved = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise UserError(f"{path} is damaged ({str(error).splitlines()[0]}); restore it from a checkpoint's config") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"{path} is damaged (not a mapping of keys to values); restore it from a checkpoint's config")
+    try:
+        return RunConfig().updated({**LEGACY_VALUES, **saved})
+    except UserError as error:
+        raise UserError(f"{path}: {error}") from None
 
 
 @dataclass(frozen=True)
@@ -148,10 +186,14 @@ class RunRecord:
 
 def load_run(run_dir: Path, which: str = "best") -> RunRecord:
     """A finished run, checked: the checkpoint must have been trained as the model the config builds."""
+    if which not in ("best", "last"):
+        raise UserError(f"checkpoint must be 'best' or 'last', got {which!r}")
     checkpoint = run_dir / (BEST if which == "best" else LAST)
-    if not (run_dir / CONFIG_FILE).exists() or not checkpoint.exists():
-        raise UserError(f"{run_dir} has no {CONFIG_FILE} and {checkpoint.name}; train into it first with `fewshot-nsl train --run-dir {run_dir}`")
     config = read_config(run_dir)
+    if not checkpoint.exists():
+        other = LAST if which == "best" else BEST
+        advice = f"use its {other} (--checkpoint {other.removesuffix('.pt')}), or " if (run_dir / other).exists() else ""
+        raise UserError(f"{run_dir} has no {checkpoint.name} yet; {advice}finish its training with `fewshot-nsl train --resume {run_dir}`")
     state = load_checkpoint(checkpoint)
     trained_as = {**LEGACY_VALUES, **state.get("config", {})}
     differs = [
@@ -161,7 +203,6 @@ def load_run(run_dir: Path, which: str = "best") -> RunRecord:
     ]
     if differs:
         raise UserError(f"{checkpoint} was trained as another model: {'; '.join(differs)}")
-    summary_path = run_dir / SUMMARY_FILE
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    summary = read_summary(run_dir)
     shape = tuple(state["image_shape"]) if "image_shape" in state else None
     return RunRecord(config, state["model"], summary, shape)  # type: ignore[arg-type]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -15,7 +17,7 @@ from fewshot_nsl.backbones import parameter_count, resolve_similarity
 from fewshot_nsl.config import RunConfig
 from fewshot_nsl.data.dataset import ImageClassSet
 from fewshot_nsl.data.registry import dataset_spec, load_split
-from fewshot_nsl.engine.checkpoint import CONFIG_FILE, load_run
+from fewshot_nsl.engine.checkpoint import CONFIG_FILE, load_run, write_text_atomically
 from fewshot_nsl.engine.distributed import SINGLE, World, gather_in_order, joined, shard
 from fewshot_nsl.episodes.episode import image_indices, materialise
 from fewshot_nsl.episodes.manifest import Manifest, ManifestSpec, draw, stored_manifest
@@ -123,20 +125,55 @@ def fixed_ways(config: RunConfig) -> int | None:
     return config.ways if (config.method == "maml" and config.head == "learned") else None
 
 
+TASK_FLAGS = {"ways": 2, "shots": 1, "queries": 1, "episodes": 1}  # EvalRequest fields and their lowest value
+
+
+def check_request(request: EvalRequest) -> None:
+    """Refuse, before anything is loaded, task counts no episode can have and task flags that an explicit
+    manifest (which fixes the episodes) would silently override."""
+    given = [f"--{name}" for name in TASK_FLAGS if getattr(request, name) is not None]
+    if request.manifest is not None and given:
+        raise UserError(f"--manifest fixes the episodes and their task; drop {', '.join(given)}")
+    for name, low in TASK_FLAGS.items():
+        value = getattr(request, name)
+        if value is not None and value < low:
+            raise UserError(f"--{name} must be >= {low}, got {value}; give {low} or more, or drop it for the default")
+    if request.checkpoint not in ("best", "last"):
+        raise UserError(f"checkpoint must be 'best' or 'last', got {request.checkpoint!r}")
+
+
+def _given(value: int | None, default: int) -> int:
+    """A requested count, else the default (a count of 0 is refused by ``check_request``, never replaced)."""
+    return default if value is None else value
+
+
 def select_manifest(request: EvalRequest, config: RunConfig, test_set: ImageClassSet) -> Manifest:
     """An explicit manifest, else the standard one for this task, else episodes drawn now with seed 0."""
-    if request.manifest is not None:
-        return Manifest.load(request.manifest)
-    spec = dataset_spec(config.dataset)
     own_ways = fixed_ways(config) if request.head is None else None  # another head scores any number of ways
+    if request.manifest is not None:
+        manifest = Manifest.load(request.manifest)
+        _check_own_ways(own_ways, manifest.spec.ways, "use a manifest of its ways")
+        return manifest
+    spec = dataset_spec(config.dataset)
+    ways = _given(request.ways, _given(own_ways, spec.eval_ways))
+    _check_own_ways(own_ways, ways, "drop --ways")
     wanted = ManifestSpec(
-        Path(config.dataset).name, config.protocol, "test", request.ways or own_ways or spec.eval_ways,
-        request.shots or config.shots,
-        request.queries or spec.eval_queries, request.episodes or spec.eval_episodes,
+        Path(config.dataset).name, config.protocol, "test", ways,
+        _given(request.shots, config.shots), _given(request.queries, spec.eval_queries),
+        _given(request.episodes, spec.eval_episodes),
     )  # fmt: skip
     check_task_fits(test_set, wanted.ways, wanted.shots, wanted.queries)
     stored = stored_manifest(wanted, test_set)
     return stored if stored is not None else draw(wanted, test_set)
+
+
+def _check_own_ways(own_ways: int | None, ways: int, fix: str) -> None:
+    """A learned MAML head scores exactly the ways it was trained for: other ways are refused before any episode."""
+    if own_ways is not None and ways != own_ways:
+        raise UserError(
+            f"this MAML run's learned head scores {own_ways}-way episodes only, not {ways}-way: {fix}, or score "
+            f"{ways} ways with --head prototype or --head logreg on its backbone"
+        )
 
 
 def for_inference(learner: FewShotLearner) -> FewShotLearner:
@@ -146,14 +183,30 @@ def for_inference(learner: FewShotLearner) -> FewShotLearner:
     return learner if learner.adapts_backbone else fold_static_nsl(learner)
 
 
-def evaluate_run(request: EvalRequest) -> tuple[Summary, dict]:
+def evaluate_run(request: EvalRequest, report: Callable[[Summary, dict], None] | None = None) -> tuple[Summary, dict]:
     """Evaluate a trained run on fixed test episodes and append the result to the leaderboard.
 
+    The leaderboard is checked before the evaluation starts, and ``report`` (rank 0) gets the result
+    before it is appended, so a failing append can neither waste the evaluation nor hide its result.
     Under torchrun the ranks share the episodes (``evaluate_learner``) and rank 0 alone writes the
     per-episode file and the leaderboard row; every rank returns the same summary and row.
     """
+    check_request(request)
+    leaderboard.check_appendable(request.leaderboard)
     with joined(resolve_device(request.device)) as (world, device):
-        return _evaluate_run(request, world, device)
+        summary, row = _evaluate_run(request, world, device)
+        if world.is_main:
+            if report is not None:
+                report(summary, row)
+            leaderboard.append(request.leaderboard, row)
+        return summary, row
+
+
+def per_episode_path(request: EvalRequest, manifest: Manifest) -> Path:
+    """Where an evaluation's per-episode accuracies go: one file per manifest, head and checkpoint
+    (the best checkpoint's keeps the name it always had)."""
+    suffix = (f"-{request.head}" if request.head else "") + ("" if request.checkpoint == "best" else f"-{request.checkpoint}")
+    return request.run_dir / "eval" / f"{manifest.spec.name}{suffix}.csv"
 
 
 def _evaluate_run(request: EvalRequest, world: World, device: torch.device) -> tuple[Summary, dict]:
@@ -177,12 +230,11 @@ def _evaluate_run(request: EvalRequest, world: World, device: torch.device) -> t
         scorer, test_set, manifest, device, layout, request.progress and world.is_main, by_episode, world=world
     )
     if world.is_main:
-        per_episode = request.run_dir / "eval" / f"{manifest.spec.name}{f'-{request.head}' if request.head else ''}.csv"
+        per_episode = per_episode_path(request, manifest)
         per_episode.parent.mkdir(exist_ok=True)
-        with open(per_episode, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["episode", "acc"])
-            writer.writerows(enumerate(accuracies))
+        text = io.StringIO(newline="")
+        csv.writer(text).writerows([("episode", "acc"), *enumerate(accuracies)])
+        write_text_atomically(per_episode, text.getvalue())
     similarity = resolve_similarity(config.backbone, config.similarity, config.nsl_form, config.nsl_hidden)
     commit, dirty = source_state()
     train_sessions = train_summary.get("train_sessions")
@@ -197,8 +249,6 @@ def _evaluate_run(request: EvalRequest, world: World, device: torch.device) -> t
         "seed": config.seed, "version": fewshot_nsl.__version__, "git_commit": commit, "git_dirty": dirty,
         "train_commits": " ".join(train_sessions) if train_sessions else None,
         "provenance": provenance(dirty, train_sessions), "run_dir": str(request.run_dir), **recipe_columns(config),
-        "eval_head": request.head or "own",
+        "eval_head": request.head or "own", "eval_checkpoint": request.checkpoint,
     }  # fmt: skip
-    if world.is_main:
-        leaderboard.append(request.leaderboard, row)
     return summary, row

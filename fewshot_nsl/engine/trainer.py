@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-import json
+import io
 import math
 import os
 import signal
@@ -34,9 +34,11 @@ from fewshot_nsl.engine.checkpoint import (
     prepare_run_dir,
     random_state,
     read_config,
+    read_summary,
     restore_random_state,
     save_atomically,
     write_summary,
+    write_text_atomically,
 )
 from fewshot_nsl.engine.distributed import (
     World,
@@ -88,6 +90,12 @@ def learning_rate_schedule(optimizer: torch.optim.Optimizer, config: RunConfig) 
     return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
 
 
+def optimiser(learner: FewShotLearner, config: RunConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """Adam over every learner parameter and its learning-rate schedule."""
+    optimizer = torch.optim.Adam(learner.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    return optimizer, learning_rate_schedule(optimizer, config)
+
+
 def default_run_dir(config: RunConfig) -> Path:
     similarity = config.similarity or ("static" if config.backbone.startswith("nsl-") else "conv")
     return Path("runs") / f"{config.method}-{config.backbone}-{similarity}-{Path(config.dataset).name}-seed{config.seed}"
@@ -129,17 +137,30 @@ def train(config: RunConfig, overwrite: bool = False, progress: bool = True, res
         if read_config(run_dir) != config:
             raise UserError(f"{run_dir} holds a run of another config; give another --run-dir")
         if (run_dir / SUMMARY_FILE).exists():  # finished before the restart
-            summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+            summary = read_summary(run_dir)
             return TrainResult(run_dir, summary["iterations"], summary["train_seconds"], summary["best_val_acc"])
         if (run_dir / LAST).exists():
             return resume(run_dir, progress)
         overwrite = True  # stopped before its first checkpoint: start it again
     with joined(device) as (world, device):
         data = _load_data(config)
+        _check_trainable(config, data.train_set.image_shape)
         moved = _on_main(world, lambda: prepare_run_dir(run_dir, config, overwrite))
         if moved is not None and progress and world.is_main:
             print(f"--overwrite: the previous run in {run_dir} was moved to {moved}")
         return _run(config, run_dir, data, None, progress, world, device)
+
+
+def _check_trainable(config: RunConfig, image_shape: tuple[int, int, int]) -> None:
+    """Build what ``_run`` builds before its first step (learner, ``--init`` backbone, optimiser, schedule) and
+    throw it away: a setting that cannot train fails here, before the run directory is touched, so it neither
+    moves a finished run aside (``--overwrite``) nor leaves a stub that refuses the corrected command.
+    Built in a forked generator state, it changes no random draw of the run itself."""
+    with seeded(config.seed):
+        learner = build_learner(config, image_shape)
+    if config.init is not None:
+        _initialise_backbone(learner, Path(config.init))
+    optimiser(learner, config)
 
 
 def _on_main(world: World, action: Any) -> Any:
@@ -159,11 +180,16 @@ def _on_main(world: World, action: Any) -> Any:
     return result
 
 
-def resume_command(run_dir: Path, world: World) -> str:
-    """The command that continues a stopped run, as it must be launched."""
+def train_command(arguments: str, world: World) -> str:
+    """``fewshot-nsl train`` with ``arguments``, as it must be launched (under torchrun, as many processes)."""
     if world.distributed:
-        return f"torchrun --nproc_per_node={world.size} -m fewshot_nsl train --resume {run_dir}"
-    return f"fewshot-nsl train --resume {run_dir}"
+        return f"torchrun --nproc_per_node={world.size} -m fewshot_nsl train {arguments}"
+    return f"fewshot-nsl train {arguments}"
+
+
+def resume_command(run_dir: Path, world: World) -> str:
+    """The command that continues a stopped run."""
+    return train_command(f"--resume {run_dir}", world)
 
 
 def resume(run_dir: Path, progress: bool = True) -> TrainResult:
@@ -177,6 +203,11 @@ def resume(run_dir: Path, progress: bool = True) -> TrainResult:
         )
     if (run_dir / SUMMARY_FILE).exists():
         raise UserError(f"{run_dir} is a finished run ({SUMMARY_FILE} exists); nothing to resume")
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(
+            f"{run_dir} trains on {config.device} and no CUDA device is available here: resume it where one is, or set "
+            f"`device: cpu` in {run_dir / CONFIG_FILE} to continue on CPU (then not bitwise as on the GPU)"
+        )
     state = load_checkpoint(run_dir / LAST)
     if "optimizer" not in state:
         raise UserError(f"{run_dir / LAST} holds no training state (written by an older version); it cannot be resumed")
@@ -205,8 +236,9 @@ def _load_data(config: RunConfig) -> _Data:
     if config.method != "exemplar":  # exemplar training draws no episodes from the training split
         check_task_fits(train_set, config.ways, config.shots, config.queries)
     val_spec = ManifestSpec(
-        config.dataset, protocol, "val", config.val_ways or spec.eval_ways, config.val_shots or config.shots,
-        config.val_queries or spec.eval_queries, config.val_episodes, seed=config.seed,
+        config.dataset, protocol, "val", spec.eval_ways if config.val_ways is None else config.val_ways,
+        config.shots if config.val_shots is None else config.val_shots,
+        spec.eval_queries if config.val_queries is None else config.val_queries, config.val_episodes, seed=config.seed,
     )  # fmt: skip
     if val_set is None:
         return _Data(train_set, None, None)
@@ -267,8 +299,7 @@ def _run(
         torch.manual_seed(rank_seed(config.seed, world.rank))
     layout = memory_format(bool(config.channels_last))
     learner.to(device, memory_format=layout)
-    optimizer = torch.optim.Adam(learner.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    schedule = learning_rate_schedule(optimizer, config)
+    optimizer, schedule = optimiser(learner, config)
     sampler = _sampler(config, data.train_set, world)
     generators = {"sampler": sampler.generator}
     if getattr(sampler, "augmentation_generator", None) is not None:
@@ -280,12 +311,16 @@ def _run(
         schedule.load_state_dict(state["schedule"])
         restore_random_state(state["random_ranks"][world.rank] if world.distributed else state["random"], generators)
         done = _Progress(**state["progress"])
+        done.best_acc = _best_so_far(run_dir, done.best_acc)
         if world.is_main:
             _truncate_metrics(run_dir / METRICS_FILE, done.iteration)
     objective, unsynced = data_parallel(learner, world)
+    saved_at = None if state is None else done.iteration  # the iteration last.pt holds
 
     def checkpoint() -> None:
+        nonlocal saved_at
         ranks = all_gather_objects(random_state(generators), world)  # every rank's draws, to resume them all
+        saved_at = done.iteration
         if not world.is_main:
             return
         save_atomically(
@@ -328,10 +363,11 @@ def _run(
             elif config.skip_nonfinite:
                 done.skipped_nonfinite += 1
             else:
+                kept = f"{run_dir / LAST} keeps the last checkpoint (iteration {saved_at})" if saved_at is not None else f"no {LAST} was saved yet"
                 raise UserError(
-                    f"the training loss became {loss} at iteration {iteration}; stopped before applying it. "
-                    f"{run_dir / LAST} keeps the last good state (iteration {done.iteration}): lower --lr and "
-                    f"`{resume_command(run_dir, world)}`, or train with --skip-nonfinite to skip and count such batches"
+                    f"the training loss became {loss} at iteration {iteration}; stopped before applying it ({kept}). Start "
+                    f"again with a lower --lr, `{train_command(f'--config {run_dir / CONFIG_FILE} --lr LOWER --overwrite', world)}` "
+                    f"(moves this run aside), or add --skip-nonfinite to skip and count such batches"
                 )
             schedule.step()
             done.iteration = iteration
@@ -390,16 +426,24 @@ def _augmentation(config: RunConfig, rank: int) -> tuple[Augmentation | None, to
     return augmentation, torch.Generator().manual_seed(rank_seed(config.seed + 1, rank))
 
 
+def _best_so_far(run_dir: Path, recorded: float | None) -> float | None:
+    """The validation accuracy a resumed run must beat: ``best.pt`` can be newer than ``last.pt`` (saved after
+    its checkpoint, before the stop), and a worse model must not replace it."""
+    saved = load_checkpoint(run_dir / BEST).get("val_acc") if (run_dir / BEST).exists() else None
+    return max((acc for acc in (recorded, saved) if acc is not None), default=None)
+
+
 def _truncate_metrics(path: Path, iteration: int) -> None:
-    """Drop metric rows logged after the checkpoint a resumed run restarts from (and any torn last line)."""
+    """Drop metric rows logged after the checkpoint a resumed run restarts from (and any torn last line),
+    rewriting the file atomically: a crash here leaves the old rows, never a cut file."""
     rows = []
     if path.exists():
         with open(path, newline="") as handle:
             rows = [row for row in csv.reader(handle) if len(row) == len(METRICS_HEADER)]
     body = [row for row in rows[1:] if row[0].isdigit() and int(row[0]) <= iteration]
-    kept = [METRICS_HEADER, *body]
-    with open(path, "w", newline="") as handle:
-        csv.writer(handle).writerows(kept)
+    text = io.StringIO(newline="")
+    csv.writer(text).writerows([METRICS_HEADER, *body])
+    write_text_atomically(path, text.getvalue())
 
 
 class _StopSignals:

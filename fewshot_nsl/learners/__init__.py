@@ -116,7 +116,7 @@ def build_learner(config: RunConfig, image_shape: tuple[int, int, int]) -> FewSh
         config.backbone,
         image_shape,
         similarity=similarity,
-        width=config.width or 64,
+        width=64 if config.width is None else config.width,
         plain_stem=config.plain_stem,
         drop_rate=config.drop_rate,
         conv4_downsample=config.conv4_downsample or "maxpool",

@@ -11,10 +11,9 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from fewshot_nsl.config import DISTANCES
 from fewshot_nsl.episodes.episode import Episode
 from fewshot_nsl.learners.base import EmbeddingLearner
-
-DISTANCES = ("euclidean", "cosine")
 
 
 def class_means(embeddings: torch.Tensor, labels: torch.Tensor, ways: int) -> torch.Tensor:
