@@ -22,7 +22,6 @@ Few-shot backbones here read whole images, so a seed window covers ``seed_fracti
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -33,6 +32,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from fewshot_nsl.data.dataset import ImageClassSet, standardise
+from fewshot_nsl.data.seeds import hashed_seed
 from fewshot_nsl.errors import UserError
 
 # Candidate windows drawn per seed; the one with the largest mean gradient magnitude is kept (the
@@ -221,7 +221,7 @@ class SurrogateSampler:
         geometric = v2.RandomAffine(degrees=t.rotate, translate=(t.translate / 2, t.translate / 2), scale=t.scale)
         steps: list[nn.Module] = [geometric, v2.CenterCrop(side), v2.Resize(self.size, antialias=True), *self._elastic, *self._colour]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_sample_seed(self.dataset_seed, surrogate_class, sample))
+            torch.manual_seed(hashed_seed("exemplar", self.dataset_seed, surrogate_class, sample))
             return v2.Compose(steps)(context)
 
     def sample(self) -> SurrogateBatch:
@@ -242,7 +242,3 @@ def _gradient_energy(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor
     sums = integral[rows, bottom, right] - integral[rows, top, right] - integral[rows, bottom, left] + integral[rows, top, left]
     return sums / (bottom - top).clamp(min=1).float() / (right - left).clamp(min=1).float()
 
-
-def _sample_seed(dataset_seed: int, surrogate_class: int, sample: int) -> int:
-    digest = hashlib.sha256(f"exemplar {dataset_seed} {surrogate_class} {sample}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
