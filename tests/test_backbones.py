@@ -124,3 +124,11 @@ def test_dropblock_drops_blocks_reproducibly_and_only_in_training():
     assert torch.equal(first, drop(x))
     assert 0.05 < (first == 0).float().mean() < 0.5
     assert torch.equal(drop.eval()(x), x)
+
+
+def test_dropblock_masks_come_from_a_named_generator_or_none_are_built():
+    with pytest.raises(ValueError, match="generator"):  # never torch's global generator
+        build_backbone("resnet12-512", (3, 16, 16), drop_rate=0.1)
+    generator = torch.Generator().manual_seed(0)
+    model = build_backbone("resnet12-512", (3, 16, 16), drop_rate=0.1, generator=generator)
+    assert [m.generator for m in model.modules() if isinstance(m, DropBlock)] == [generator, generator]

@@ -74,7 +74,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 def random_state(generators: dict[str, torch.Generator]) -> dict[str, Any]:
     """Every random state a training run draws from, as tensors and plain values: torch's, NumPy's and
-    Python's global ones and the run's named generators (``sampler``, ``augmentation``)."""
+    Python's global ones and the run's named generators (``sampler``, ``augmentation``, ``dropblock``)."""
     kind, keys, position, has_gauss, gauss = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
@@ -85,12 +85,16 @@ def random_state(generators: dict[str, torch.Generator]) -> dict[str, Any]:
 
 
 def restore_random_state(state: dict[str, Any], generators: dict[str, torch.Generator]) -> None:
+    """Set the states ``random_state`` saved. A named generator the checkpoint lacks keeps its seeded
+    state: ``dropblock``, in checkpoints written before DropBlock had a generator of its own (its masks
+    came from torch's global one then, so such a run resumes as reproducibly as it ever could)."""
     torch.set_rng_state(state["torch"])
     kind, keys, position, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
     random.setstate(_tuples(state["python"]))
     for name, generator in generators.items():
-        generator.set_state(state[name])
+        if name in state:
+            generator.set_state(state[name])
 
 
 def _tuples(value: Any) -> Any:
