@@ -2,10 +2,12 @@
 
 On CPU, glibc's malloc returns large buffers to the OS after every episode
 and pays page faults to get them back; telling it to keep them (two glibc
-tunables, read only at process start) more than halves the time of a
-Conv-4 episode on these machines. The CLI therefore re-executes itself once
+tunables, read only at process start) makes a Conv-4 episode 1.37-1.68x
+faster on these machines, and 2.15-2.52x together with channels_last
+tensors (``benchmarks/results/throughput.md``, written by
+``benchmarks/throughput.py``). The CLI therefore re-executes itself once
 with ``GLIBC_TUNABLES`` set, unless ``FEWSHOT_NSL_NO_REEXEC`` is set or the
-variable is already there. ``benchmarks/throughput.py`` measures the effect.
+variable is already there.
 """
 
 from __future__ import annotations
@@ -44,14 +46,16 @@ def resolve_device(name: str) -> torch.device:
 
 @contextlib.contextmanager
 def seeded(seed: int) -> Iterator[None]:
-    """Run a block (model construction) with the default generator seeded by ``seed``.
+    """Run a block (model construction) with the default CPU generator seeded by ``seed``.
 
     PyTorch's layer constructors draw their initial weights from the default
     generator; forking it keeps initialisation reproducible from ``seed``
-    without leaving the global state changed afterwards.
+    without leaving the global state changed afterwards. Only the CPU
+    generator is seeded: ``torch.manual_seed`` would also reseed every CUDA
+    device's generator, which ``fork_rng(devices=[])`` does not restore.
     """
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         yield
 
 
