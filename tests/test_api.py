@@ -5,16 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from fewshot_nsl.api import load_trained
+from fewshot_nsl.cli.main import run as cli
 from fewshot_nsl.config import RunConfig
 from fewshot_nsl.data.image_folder import load_image_folder
 from fewshot_nsl.data.miniimagenet import load_miniimagenet
 from fewshot_nsl.data.omniglot import DRAWERS, SETS, load_omniglot
 from fewshot_nsl.data.preprocess import Preprocess
 from fewshot_nsl.engine.trainer import train
+from fewshot_nsl.errors import UserError
 from fewshot_nsl.nsl import StaticNSLConv2d
 from tests.test_reader_properties import write_omniglot
 
@@ -59,7 +62,9 @@ def test_folder_images_come_out_as_the_readers_and_gray_follows_the_model(tmp_pa
         assert torch.equal(Preprocess(dataset, 8, 3).uint8(gray_alpha), torch.full((3, 8, 8), 90, dtype=torch.uint8))
 
 
-def test_a_trained_run_scores_outside_files_as_it_scores_the_data(tmp_path: Path, cache_dir: Path) -> None:
+def test_a_trained_run_scores_outside_files_as_it_scores_the_data(
+    tmp_path: Path, cache_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from tests.test_bad_data_input import image_folder
 
     root = image_folder(tmp_path / "pets")
@@ -86,3 +91,12 @@ def test_a_trained_run_scores_outside_files_as_it_scores_the_data(tmp_path: Path
     del state["image_shape"]
     torch.save(state, best)
     assert load_trained(tmp_path / "run", device="cpu").preprocess == run.preprocess
+
+    # weights that do not fit the model the config builds: the API and eval refuse them alike
+    state["model"] = {k: v for k, v in state["model"].items() if not k.endswith("running_var")}
+    torch.save(state, best)
+    with pytest.raises(UserError, match=r"does not fit the model its config.yaml builds \(Missing key"):
+        load_trained(tmp_path / "run", device="cpu")
+    assert cli(["eval", "--run-dir", str(tmp_path / "run"), "--episodes", "2", "--ways", "2", "--shots", "1",
+                "--queries", "1", "--no-progress"]) == 2  # fmt: skip
+    assert "does not fit the model its config.yaml builds (Missing key" in capsys.readouterr().err

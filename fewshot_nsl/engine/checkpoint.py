@@ -28,6 +28,7 @@ import yaml
 import fewshot_nsl
 from fewshot_nsl.config import LEGACY_VALUES, RunConfig, save_config
 from fewshot_nsl.errors import UserError
+from fewshot_nsl.learners import FewShotLearner, build_learner
 
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "train_summary.json"
@@ -169,3 +170,17 @@ def load_run(run_dir: Path, which: str = "best") -> RunRecord:
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     shape = tuple(state["image_shape"]) if "image_shape" in state else None
     return RunRecord(config, state["model"], summary, shape)  # type: ignore[arg-type]
+
+
+def trained_learner(record: RunRecord, run_dir: Path, image_shape: tuple[int, int, int]) -> FewShotLearner:
+    """The learner ``record``'s config builds for ``image_shape``, holding the record's weights (train
+    mode, on the CPU): what evaluation and the Python API score with. A checkpoint that does not fit
+    that model is a ``UserError`` naming the first mismatch."""
+    learner = build_learner(record.config, image_shape)
+    try:
+        learner.load_state_dict(record.model_state)
+    except RuntimeError as error:
+        lines = str(error).splitlines()
+        detail = lines[1].strip() if len(lines) > 1 else str(error)
+        raise UserError(f"the checkpoint in {run_dir} does not fit the model its {CONFIG_FILE} builds ({detail})") from None
+    return learner
