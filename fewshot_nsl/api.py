@@ -24,10 +24,10 @@ import torch
 from fewshot_nsl.config import RunConfig
 from fewshot_nsl.data.preprocess import ImageSource, Preprocess
 from fewshot_nsl.data.registry import DATASETS, dataset_spec
-from fewshot_nsl.engine.checkpoint import load_run
+from fewshot_nsl.engine.checkpoint import load_run, trained_learner
 from fewshot_nsl.engine.evaluator import for_inference
 from fewshot_nsl.errors import UserError
-from fewshot_nsl.learners import FewShotLearner, build_learner
+from fewshot_nsl.learners import FewShotLearner
 from fewshot_nsl.runtime import resolve_device
 
 
@@ -53,11 +53,7 @@ def load_trained(run_dir: str | os.PathLike, checkpoint: str = "best", device: s
     if shape is None:  # a checkpoint from before image shapes were recorded
         image_size = config.image_size or dataset_spec(config.dataset).image_size
         shape = (_channels_of(record.model_state), image_size, image_size)
-    learner = build_learner(config, shape)
-    try:
-        learner.load_state_dict(record.model_state)
-    except RuntimeError as error:
-        raise UserError(f"the checkpoint in {run_dir} does not fit the model its config builds ({error})") from None
+    learner = trained_learner(record, Path(run_dir), shape)
     target = resolve_device(device)
     learner = for_inference(learner).to(target).eval()
     dataset = config.dataset if config.dataset in DATASETS else "folder"

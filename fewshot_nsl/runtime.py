@@ -1,22 +1,26 @@
 """Device choice, seeded construction and the fast CPU settings.
 
+``seeded`` is defined in ``fewshot_nsl.data.seeds`` (surrogate samples need it below this module)
+and offered here with the other run-time helpers.
+
 On CPU, glibc's malloc returns large buffers to the OS after every episode
 and pays page faults to get them back; telling it to keep them (two glibc
-tunables, read only at process start) more than halves the time of a
-Conv-4 episode on these machines. The CLI therefore re-executes itself once
+tunables, read only at process start) makes a Conv-4 episode 1.37-1.68x
+faster on these machines, and 2.15-2.52x together with channels_last
+tensors (``benchmarks/results/throughput.md``, written by
+``benchmarks/throughput.py``). The CLI therefore re-executes itself once
 with ``GLIBC_TUNABLES`` set, unless ``FEWSHOT_NSL_NO_REEXEC`` is set or the
-variable is already there. ``benchmarks/throughput.py`` measures the effect.
+variable is already there.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
-from collections.abc import Iterator
 
 import torch
 
+from fewshot_nsl.data.seeds import seeded
 from fewshot_nsl.errors import UserError
 
 FAST_MALLOC = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=8589934592"
@@ -45,18 +49,8 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-@contextlib.contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Run a block (model construction) with the default generator seeded by ``seed``.
-
-    PyTorch's layer constructors draw their initial weights from the default
-    generator; forking it keeps initialisation reproducible from ``seed``
-    without leaving the global state changed afterwards.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
 def memory_format(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
+
+
+__all__ = ["FAST_MALLOC", "NO_REEXEC_ENV", "memory_format", "reexec_with_fast_malloc", "resolve_device", "seeded"]

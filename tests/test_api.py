@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from fewshot_nsl.api import load_trained
+from fewshot_nsl.cli.main import run as cli
 from fewshot_nsl.config import RunConfig
 from fewshot_nsl.data.image_folder import load_image_folder
 from fewshot_nsl.data.miniimagenet import load_miniimagenet
@@ -61,7 +62,9 @@ def test_folder_images_come_out_as_the_readers_and_gray_follows_the_model(tmp_pa
         assert torch.equal(Preprocess(dataset, 8, 3).uint8(gray_alpha), torch.full((3, 8, 8), 90, dtype=torch.uint8))
 
 
-def test_a_trained_run_scores_outside_files_as_it_scores_the_data(tmp_path: Path, cache_dir: Path) -> None:
+def test_a_trained_run_scores_outside_files_as_it_scores_the_data(
+    tmp_path: Path, cache_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from tests.test_bad_data_input import image_folder
 
     root = image_folder(tmp_path / "pets")
@@ -88,6 +91,15 @@ def test_a_trained_run_scores_outside_files_as_it_scores_the_data(tmp_path: Path
     del state["image_shape"]
     torch.save(state, best)
     assert load_trained(tmp_path / "run", device="cpu").preprocess == run.preprocess
+
+    # weights that do not fit the model the config builds: the API and eval refuse them alike
+    state["model"] = {k: v for k, v in state["model"].items() if not k.endswith("running_var")}
+    torch.save(state, best)
+    with pytest.raises(UserError, match=r"does not fit the model its config.yaml builds \(Missing key"):
+        load_trained(tmp_path / "run", device="cpu")
+    assert cli(["eval", "--run-dir", str(tmp_path / "run"), "--episodes", "2", "--ways", "2", "--shots", "1",
+                "--queries", "1", "--no-progress"]) == 2  # fmt: skip
+    assert "does not fit the model its config.yaml builds (Missing key" in capsys.readouterr().err
 
 
 def test_a_checkpoint_other_than_best_or_last_is_refused(tmp_path: Path) -> None:

@@ -101,6 +101,21 @@ def test_seeded_construction_is_reproducible_and_leaves_global_rng_alone():
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
+def test_seeded_initialises_as_torch_manual_seed_did_and_leaves_device_generators_alone():
+    """Committed results were initialised under ``torch.manual_seed``: ``seeded`` seeds the CPU generator
+    alone, with the same values, and no CUDA generator is reseeded as a side effect."""
+    cuda = torch.cuda.is_available()
+    cuda_state = torch.cuda.get_rng_state() if cuda else None
+    with seeded(4):
+        a = build_backbone("nsl-conv4", (3, 84, 84), resolve_similarity("nsl-conv4", "dynamic"))
+    if cuda:
+        assert torch.equal(torch.cuda.get_rng_state(), cuda_state)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(4)
+        b = build_backbone("nsl-conv4", (3, 84, 84), resolve_similarity("nsl-conv4", "dynamic"))
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
 def test_similarity_choices_and_errors():
     assert resolve_similarity("nsl-conv4", None).label == "static-diagonal"
     assert resolve_similarity("nsl-conv4", "dynamic", "full").label == "dynamic-full-h64"
@@ -124,3 +139,11 @@ def test_dropblock_drops_blocks_reproducibly_and_only_in_training():
     assert torch.equal(first, drop(x))
     assert 0.05 < (first == 0).float().mean() < 0.5
     assert torch.equal(drop.eval()(x), x)
+
+
+def test_dropblock_masks_come_from_a_named_generator_or_none_are_built():
+    with pytest.raises(ValueError, match="generator"):  # never torch's global generator
+        build_backbone("resnet12-512", (3, 16, 16), drop_rate=0.1)
+    generator = torch.Generator().manual_seed(0)
+    model = build_backbone("resnet12-512", (3, 16, 16), drop_rate=0.1, generator=generator)
+    assert [m.generator for m in model.modules() if isinstance(m, DropBlock)] == [generator, generator]

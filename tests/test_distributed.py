@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from fewshot_nsl.config import load_config
 from fewshot_nsl.data.registry import load_split
 from fewshot_nsl.data.roots import CACHE_ENV, DATA_ENV
+from fewshot_nsl.data.seeds import hashed_seed
 from fewshot_nsl.engine.checkpoint import LAST, load_checkpoint
 from fewshot_nsl.engine.distributed import World, rank_seed, shard
 from fewshot_nsl.episodes.sampler import EpisodeSampler
@@ -39,6 +40,14 @@ def test_rank_zero_samples_like_one_process_and_other_ranks_get_their_own_seeds(
     assert rank_seed(7, 0) == 7
     seeds = {rank_seed(seed, rank) for seed in range(4) for rank in range(1, 4)}
     assert len(seeds) == 12 and not seeds & set(range(4))
+
+
+def test_derived_seeds_keep_the_values_recorded_runs_were_drawn_with() -> None:
+    """Per-rank episode seeds and exemplar sample seeds share one derivation; their values are pinned
+    (changing them would change every torchrun and exemplar result)."""
+    assert rank_seed(7, 1) == hashed_seed("fewshot-nsl episodes", 7, 1) == 8484279221519983524
+    assert rank_seed(0, 2) == 9219745645330059065
+    assert hashed_seed("exemplar", 5, 3, 7) == 4459032391559019725
 
 
 @pytest.fixture(scope="module")

@@ -93,6 +93,21 @@ def test_shipped_miniimagenet_manifests_match_real_data(real_miniimagenet_root, 
         assert stored.content_hash() == draw(spec, test).content_hash(), spec.name
 
 
+def test_the_standard_specs_are_the_committed_manifests_and_follow_the_registry(monkeypatch):
+    """STANDARD_SPECS is built from ``data.registry``; it must still name exactly the committed files."""
+    from fewshot_nsl.data.registry import DATASETS
+    from fewshot_nsl.episodes.manifest import EPISODES_ENV, PIN_ABOVE_EPISODES, STANDARD_SPECS, episodes_dir, manifest_path, pin_path
+
+    monkeypatch.delenv(EPISODES_ENV, raising=False)
+    expected = {(manifest_path(s) if s.episodes <= PIN_ABOVE_EPISODES else pin_path(s)).name for s in STANDARD_SPECS}
+    assert expected == {p.name for p in episodes_dir().iterdir()} and len(STANDARD_SPECS) == 12
+    for spec in STANDARD_SPECS:
+        protocol = DATASETS[spec.dataset]
+        assert spec.protocol in protocol.protocols and spec.queries == protocol.eval_queries
+        assert protocol.eval_ways in {s.ways for s in STANDARD_SPECS if s.dataset == spec.dataset}
+        assert protocol.eval_episodes in {s.episodes for s in STANDARD_SPECS if s.dataset == spec.dataset}
+
+
 def test_large_manifests_are_pinned_and_a_changed_draw_is_refused(tmp_path):
     """Above PIN_ABOVE_EPISODES only spec, fingerprint and hash are written; a redraw must reproduce the hash."""
     import json

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -218,3 +219,44 @@ def test_a_resumed_run_beats_the_best_checkpoint_not_an_older_record(tmp_path: P
     assert _best_so_far(tmp_path, 0.7) == 0.8 and _best_so_far(tmp_path, 0.9) == 0.9 and _best_so_far(tmp_path, None) == 0.8
     torch.save({"model": {}, "val_acc": None}, tmp_path / "best.pt")  # trained on train + val: no validation
     assert _best_so_far(tmp_path, None) is None
+
+
+def _dropblock_run(tmp_path: Path, name: str, seed: int = 0, episodes: int = 4) -> RunConfig:
+    """ProtoNet with the narrowest ResNet-12 and DropBlock on a fixture folder (2 classes of 2 images)."""
+    from tests.test_bad_data_input import image_folder
+
+    root = tmp_path / "pets"
+    if not root.exists():
+        image_folder(root)
+    return RunConfig(method="protonet", backbone="resnet12-512", drop_rate=0.1, dataset=str(root), image_size=16,
+                     ways=2, shots=1, queries=1, val_ways=2, val_shots=1, val_queries=1, val_episodes=2,
+                     episodes=episodes, checkpoint_every=2, seed=seed, device="cpu", run_dir=str(tmp_path / name))  # fmt: skip
+
+
+def test_dropblock_training_is_a_function_of_its_seed(tmp_path: Path, cache_dir: Path) -> None:
+    """DropBlock's masks come from the run's own generator: two trainings of one seed in one process give
+    the same weights, torch's global generator is never drawn from, and another seed trains otherwise."""
+    global_state = torch.get_rng_state()
+    train(_dropblock_run(tmp_path, "first", episodes=2), progress=False)
+    assert torch.equal(torch.get_rng_state(), global_state)
+    train(_dropblock_run(tmp_path, "again", episodes=2), progress=False)
+    train(_dropblock_run(tmp_path, "other", seed=1, episodes=2), progress=False)
+    first, again, other = (final_weights(tmp_path / name) for name in ("first", "again", "other"))
+    assert all(torch.equal(first[key], again[key]) for key in first)
+    assert not all(torch.equal(first[key], other[key]) for key in first)
+    saved = load_checkpoint(tmp_path / "first" / "last.pt")["random"]["dropblock"]
+    assert not torch.equal(saved, torch.Generator().manual_seed(0).get_state())  # its masks were drawn from it
+
+
+def test_a_dropblock_run_resumes_to_the_uninterrupted_weights_bitwise(tmp_path: Path, cache_dir: Path) -> None:
+    """A run stopped at its checkpoint of iteration 2 (made by training 2 iterations and giving its
+    config.yaml the 4 of the whole run) resumes with DropBlock's generator where it was."""
+    train(_dropblock_run(tmp_path, "whole"), progress=False)
+    stopped = tmp_path / "stopped"
+    train(_dropblock_run(tmp_path, "stopped", episodes=2), progress=False)
+    (stopped / "train_summary.json").unlink()
+    config_file = stopped / "config.yaml"
+    config_file.write_text(re.sub(r"(?m)^episodes: 2$", "episodes: 4", config_file.read_text()))
+    resume(stopped, progress=False)
+    expected, got = final_weights(tmp_path / "whole"), final_weights(stopped)
+    assert all(torch.equal(got[key], expected[key]) for key in expected)

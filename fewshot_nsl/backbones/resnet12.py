@@ -25,9 +25,12 @@ class DropBlock(nn.Module):
 
     Zeroes ``block_size``×``block_size`` squares so that about ``drop_rate`` of
     the activations are dropped, then rescales the rest; identity in eval mode.
+    The generator is required: masks drawn from torch's global generator would
+    make a training irreproducible from its seed (the trainer passes one seeded
+    from the run's seed and rank, and saves its state in checkpoints).
     """
 
-    def __init__(self, drop_rate: float, block_size: int, generator: torch.Generator | None = None):
+    def __init__(self, drop_rate: float, block_size: int, generator: torch.Generator):
         super().__init__()
         if not 0.0 <= drop_rate < 1.0:
             raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
@@ -71,7 +74,10 @@ class ResidualBlock(nn.Module):
 
 
 class ResNet12(nn.Module):
-    """Maps (B, C, H, W) to ``widths[-1]``-d features (B, out_features): 640 by default."""
+    """Maps (B, C, H, W) to ``widths[-1]``-d features (B, out_features): 640 by default.
+
+    ``generator`` draws DropBlock's masks; required when ``drop_rate > 0``.
+    """
 
     def __init__(
         self,
@@ -83,6 +89,8 @@ class ResNet12(nn.Module):
         generator: torch.Generator | None = None,
     ):
         super().__init__()
+        if drop_rate > 0 and generator is None:
+            raise ValueError("drop_rate > 0 needs a generator to draw DropBlock's masks from")
         blocks, channels = [], image_shape[0]
         for index, width in enumerate(widths):
             # DropBlock only in the last two blocks, as in MetaOptNet.

@@ -38,6 +38,9 @@ from fewshot_nsl.errors import UserError
 SETS = ("background", "evaluation")
 PROTOCOL_SPLITS = {"vinyals": ("train", "val", "test", "trainval"), "lake": ("train", "test")}
 DRAWERS = 20
+# Ink is 255 and paper 0, standardised to [0, 1]: the dataset's images and outside images alike.
+OMNIGLOT_MEAN, OMNIGLOT_STD = (0.0,), (1.0,)
+RESIZE_CHUNK = 4096  # images interpolated at once (bounds the float copy of a set)
 REBUILD = "rebuild it with `fewshot-nsl data prepare omniglot`"
 # What numpy raises on a file that is not a complete npz archive.
 _ARCHIVE_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error)
@@ -89,17 +92,23 @@ def _read_paper(npz_path: Path) -> torch.Tensor:
     return torch.from_numpy(paper)
 
 
-def _resize_set(npz_path: Path, size: int) -> dict[str, torch.Tensor]:
-    paper = _read_paper(npz_path)
-    chars, drawers, height, width = paper.shape
-    ink = (~paper).reshape(-1, 1, height, width)
+def resize_ink(ink: torch.Tensor, size: int) -> torch.Tensor:
+    """Ink (N, 1, H, W), bool or float in [0, 1], as uint8 (N, 1, size, size): antialiased bilinear, then
+    rounded. The one resize of Omniglot characters, for the dataset and for outside images
+    (``data.preprocess``), so an original PNG comes out exactly as the dataset's own copy."""
     resized = torch.cat(
         [
             F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-            for chunk in torch.split(ink, 4096)
+            for chunk in torch.split(ink, RESIZE_CHUNK)
         ]
     )
-    images = resized.mul_(255).round_().clamp_(0, 255).to(torch.uint8)
+    return resized.mul_(255).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _resize_set(npz_path: Path, size: int) -> dict[str, torch.Tensor]:
+    paper = _read_paper(npz_path)
+    chars, drawers, height, width = paper.shape
+    images = resize_ink((~paper).reshape(-1, 1, height, width), size)
     return {"images": images.reshape(chars, drawers, size, size)}
 
 
@@ -152,8 +161,8 @@ def load_omniglot(data_root: Path, protocol: str, split: str, cache_dir: Path, i
         images=images.contiguous(),
         labels=torch.arange(len(chosen)).repeat_interleave(DRAWERS),
         class_names=names,
-        mean=(0.0,),
-        std=(1.0,),
+        mean=OMNIGLOT_MEAN,
+        std=OMNIGLOT_STD,
         name=f"omniglot/{protocol}/{split}",
     )
 

@@ -46,6 +46,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from fewshot_nsl.data.image_folder import visible_subfolders
 from fewshot_nsl.data.omniglot import DRAWERS, SETS, read_characters
 from fewshot_nsl.errors import UserError
 
@@ -86,10 +87,6 @@ def set_folder(folder: Path, set_name: str) -> Path:
     return folder / f"images_{set_name}"
 
 
-def _visible_dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != "__MACOSX")
-
-
 def scan_png_tree(folder: Path, set_name: str) -> list[tuple[CharacterRow, tuple[Path, ...]]]:
     """Character rows (in character-id order) and each character's 20 PNG paths (drawer 1..20).
 
@@ -100,8 +97,8 @@ def scan_png_tree(folder: Path, set_name: str) -> list[tuple[CharacterRow, tuple
     if not root.is_dir():
         raise UserError(f"Omniglot PNG folder {root} does not exist")
     found = []
-    for alphabet in _visible_dirs(root):
-        for character in _visible_dirs(alphabet):
+    for alphabet in visible_subfolders(root):
+        for character in visible_subfolders(alphabet):
             drawers: dict[int, Path] = {}
             ids = set()
             for path in character.iterdir():

@@ -24,13 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torchvision.io import ImageReadMode
 from torchvision.transforms.v2 import functional as TF
 
 from fewshot_nsl.data.dataset import standardise
 from fewshot_nsl.data.image_folder import FOLDER_MEAN, FOLDER_STD, iter_decoded, resize_square
 from fewshot_nsl.data.miniimagenet import IMAGENET_MEAN, IMAGENET_STD
+from fewshot_nsl.data.omniglot import OMNIGLOT_MEAN, OMNIGLOT_STD, resize_ink
 from fewshot_nsl.errors import UserError
 
 ImageSource = str | os.PathLike | torch.Tensor  # a file, or a decoded uint8 (C, H, W) tensor
@@ -56,7 +56,7 @@ class Preprocess:
     def statistics(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """The (mean, std) per channel the dataset standardises with."""
         if self.dataset == "omniglot":
-            return (0.0,), (1.0,)
+            return OMNIGLOT_MEAN, OMNIGLOT_STD
         if self.dataset == "miniimagenet":
             return IMAGENET_MEAN, IMAGENET_STD
         return (FOLDER_MEAN,) * self.channels, (FOLDER_STD,) * self.channels
@@ -65,11 +65,7 @@ class Preprocess:
         """uint8 (channels, image_size, image_size), as the dataset stores its own images."""
         if self.dataset == "omniglot":
             gray = _decoded(source, ImageReadMode.GRAY)[:1]
-            ink = 1.0 - gray.float().div(255.0)
-            resized = F.interpolate(
-                ink.unsqueeze(0), size=(self.image_size, self.image_size), mode="bilinear", antialias=True, align_corners=False
-            )[0]
-            return resized.mul_(255).round_().clamp_(0, 255).to(torch.uint8)
+            return resize_ink(1.0 - gray.float().div(255.0).unsqueeze(0), self.image_size)[0]
         if self.dataset == "miniimagenet":
             return resize_square(_decoded(source, ImageReadMode.RGB)[:3], self.image_size, crop=False)
         image = _decoded(source, ImageReadMode.UNCHANGED)

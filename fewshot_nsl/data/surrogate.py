@@ -1,10 +1,12 @@
 """Exemplar-CNN surrogate classes (Dosovitskiy et al., NIPS 2014): labels made from unlabelled images.
 
 Each surrogate class is one *seed* window of one training image; its samples are random
-transformations of that window. The classes and every sample are a function of one seed: sample
-``j`` of class ``i`` is drawn with a torch generator seeded from ``(seed, i, j)``, so the
-``classes * samples_per_class`` dataset exists without being stored and a rerun sees the same
-images. The images come from :class:`UnlabelledImages`, which holds no labels at all: exemplar
+transformations of that window. The classes and every sample are a function of one seed: the
+seed windows and the colour PCA are drawn from a generator seeded by ``seed``; sample ``j`` of
+class ``i`` is drawn from torch's default generator, forked and seeded from ``(seed, i, j)`` for
+that one sample (``data.seeds.seeded``; torchvision's transforms take no generator, and the colour
+modules below draw from the same stream after them), so the ``classes * samples_per_class``
+dataset exists without being stored and a rerun sees the same images. The images come from :class:`UnlabelledImages`, which holds no labels at all: exemplar
 training cannot read them.
 
 Transformations (§2.1 of the paper, magnitudes as defaults in :class:`ExemplarTransforms`):
@@ -22,7 +24,6 @@ Few-shot backbones here read whole images, so a seed window covers ``seed_fracti
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -33,6 +34,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from fewshot_nsl.data.dataset import ImageClassSet, standardise
+from fewshot_nsl.data.seeds import hashed_seed, seeded
 from fewshot_nsl.errors import UserError
 
 # Candidate windows drawn per seed; the one with the largest mean gradient magnitude is kept (the
@@ -111,7 +113,12 @@ class SurrogateBatch:
 
 
 class PCAContrast(nn.Module):
-    """Contrast 1: each pixel's projection on every principal colour component times its own factor."""
+    """Contrast 1: each pixel's projection on every principal colour component times its own factor.
+
+    The factors come from the default generator, which ``SurrogateSampler.sample_image`` seeds for each
+    sample (a generator of their own would change every committed exemplar sample: they are drawn after
+    torchvision's, in one stream).
+    """
 
     def __init__(self, components: torch.Tensor, mean: torch.Tensor, factors: tuple[float, float]):
         super().__init__()
@@ -127,7 +134,10 @@ class PCAContrast(nn.Module):
 
 
 class HSVContrast(nn.Module):
-    """Contrast 2 and colour: S and V to a power, times a factor, plus a shift; hue plus a shift."""
+    """Contrast 2 and colour: S and V to a power, times a factor, plus a shift; hue plus a shift.
+
+    Draws from the default generator, seeded per sample, as ``PCAContrast`` does.
+    """
 
     def __init__(self, transforms: ExemplarTransforms):
         super().__init__()
@@ -220,8 +230,8 @@ class SurrogateSampler:
         context = TF.crop(image, top + side - side // 2, left + side - side // 2, 2 * side, 2 * side)
         geometric = v2.RandomAffine(degrees=t.rotate, translate=(t.translate / 2, t.translate / 2), scale=t.scale)
         steps: list[nn.Module] = [geometric, v2.CenterCrop(side), v2.Resize(self.size, antialias=True), *self._elastic, *self._colour]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_sample_seed(self.dataset_seed, surrogate_class, sample))
+        # torchvision's transforms take no generator: the sample's stream is the default one, seeded for it.
+        with seeded(hashed_seed("exemplar", self.dataset_seed, surrogate_class, sample)):
             return v2.Compose(steps)(context)
 
     def sample(self) -> SurrogateBatch:
@@ -242,7 +252,3 @@ def _gradient_energy(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor
     sums = integral[rows, bottom, right] - integral[rows, top, right] - integral[rows, bottom, left] + integral[rows, top, left]
     return sums / (bottom - top).clamp(min=1).float() / (right - left).clamp(min=1).float()
 
-
-def _sample_seed(dataset_seed: int, surrogate_class: int, sample: int) -> int:
-    digest = hashlib.sha256(f"exemplar {dataset_seed} {surrogate_class} {sample}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)

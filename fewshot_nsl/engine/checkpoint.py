@@ -29,6 +29,7 @@ import yaml
 import fewshot_nsl
 from fewshot_nsl.config import LEGACY_VALUES, RunConfig, save_config
 from fewshot_nsl.errors import UserError
+from fewshot_nsl.learners import FewShotLearner, build_learner
 
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "train_summary.json"
@@ -84,7 +85,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 def random_state(generators: dict[str, torch.Generator]) -> dict[str, Any]:
     """Every random state a training run draws from, as tensors and plain values: torch's, NumPy's and
-    Python's global ones and the run's named generators (``sampler``, ``augmentation``)."""
+    Python's global ones and the run's named generators (``sampler``, ``augmentation``, ``dropblock``)."""
     kind, keys, position, has_gauss, gauss = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
@@ -95,12 +96,16 @@ def random_state(generators: dict[str, torch.Generator]) -> dict[str, Any]:
 
 
 def restore_random_state(state: dict[str, Any], generators: dict[str, torch.Generator]) -> None:
+    """Set the states ``random_state`` saved. A named generator the checkpoint lacks keeps its seeded
+    state: ``dropblock``, in checkpoints written before DropBlock had a generator of its own (its masks
+    came from torch's global one then, so such a run resumes as reproducibly as it ever could)."""
     torch.set_rng_state(state["torch"])
     kind, keys, position, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
     random.setstate(_tuples(state["python"]))
     for name, generator in generators.items():
-        generator.set_state(state[name])
+        if name in state:
+            generator.set_state(state[name])
 
 
 def _tuples(value: Any) -> Any:
@@ -206,3 +211,17 @@ def load_run(run_dir: Path, which: str = "best") -> RunRecord:
     summary = read_summary(run_dir)
     shape = tuple(state["image_shape"]) if "image_shape" in state else None
     return RunRecord(config, state["model"], summary, shape)  # type: ignore[arg-type]
+
+
+def trained_learner(record: RunRecord, run_dir: Path, image_shape: tuple[int, int, int]) -> FewShotLearner:
+    """The learner ``record``'s config builds for ``image_shape``, holding the record's weights (train
+    mode, on the CPU): what evaluation and the Python API score with. A checkpoint that does not fit
+    that model is a ``UserError`` naming the first mismatch."""
+    learner = build_learner(record.config, image_shape)
+    try:
+        learner.load_state_dict(record.model_state)
+    except RuntimeError as error:
+        lines = str(error).splitlines()
+        detail = lines[1].strip() if len(lines) > 1 else str(error)
+        raise UserError(f"the checkpoint in {run_dir} does not fit the model its {CONFIG_FILE} builds ({detail})") from None
+    return learner

@@ -23,7 +23,6 @@ all tasks but the last under DDP's ``no_sync``, DDP's own gradient accumulation.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -35,6 +34,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from fewshot_nsl.data.seeds import hashed_seed
 from fewshot_nsl.episodes.episode import Episode
 from fewshot_nsl.errors import UserError
 from fewshot_nsl.learners.base import BatchResult, FewShotLearner
@@ -118,10 +118,7 @@ def current_world() -> World:
 def rank_seed(seed: int, rank: int) -> int:
     """The episode seed of ``rank``: ``seed`` itself for rank 0 (so one process samples as before),
     else 63 bits of SHA-256 of ``(seed, rank)``, unrelated to any other rank's or run's seed."""
-    if rank == 0:
-        return seed
-    digest = hashlib.sha256(f"fewshot-nsl episodes {seed} {rank}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+    return seed if rank == 0 else hashed_seed("fewshot-nsl episodes", seed, rank)
 
 
 class MetaBatchObjective(nn.Module):

@@ -17,13 +17,13 @@ from fewshot_nsl.backbones import parameter_count, resolve_similarity
 from fewshot_nsl.config import RunConfig
 from fewshot_nsl.data.dataset import ImageClassSet
 from fewshot_nsl.data.registry import dataset_spec, load_split
-from fewshot_nsl.engine.checkpoint import CONFIG_FILE, load_run, write_text_atomically
+from fewshot_nsl.engine.checkpoint import load_run, trained_learner, write_text_atomically
 from fewshot_nsl.engine.distributed import SINGLE, World, gather_in_order, joined, shard
 from fewshot_nsl.episodes.episode import image_indices, materialise
 from fewshot_nsl.episodes.manifest import Manifest, ManifestSpec, draw, stored_manifest
 from fewshot_nsl.episodes.sampler import check_task_fits
 from fewshot_nsl.errors import UserError
-from fewshot_nsl.learners import FewShotLearner, build_learner, recipe_columns
+from fewshot_nsl.learners import FewShotLearner, recipe_columns
 from fewshot_nsl.learners.base import EmbeddingLearner
 from fewshot_nsl.learners.logreg import with_head
 from fewshot_nsl.nsl import fold_static_nsl
@@ -211,16 +211,11 @@ def per_episode_path(request: EvalRequest, manifest: Manifest) -> Path:
 
 def _evaluate_run(request: EvalRequest, world: World, device: torch.device) -> tuple[Summary, dict]:
     record = load_run(request.run_dir, request.checkpoint)
-    config, state, train_summary = record.config, record.model_state, record.summary
+    config, train_summary = record.config, record.summary
     layout = memory_format(bool(config.channels_last))
     test_set = load_split(config.dataset, "test", config.protocol, request.data_root or config.data_root, config.image_size)
     manifest = select_manifest(request, config, test_set)
-    learner = build_learner(config, test_set.image_shape)
-    try:
-        learner.load_state_dict(state)
-    except RuntimeError as error:
-        detail = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
-        raise UserError(f"the checkpoint in {request.run_dir} does not fit the model its {CONFIG_FILE} builds ({detail})") from None
+    learner = trained_learner(record, request.run_dir, test_set.image_shape)
     parameters = parameter_count(learner)
     learner = for_inference(learner).to(device, memory_format=layout)
     scorer = with_head(learner, request.head)

@@ -21,6 +21,7 @@ from fewshot_nsl.config import RunConfig
 from fewshot_nsl.data.augment import Augmentation
 from fewshot_nsl.data.dataset import ImageClassSet, union
 from fewshot_nsl.data.registry import dataset_spec, load_split, resolve_protocol
+from fewshot_nsl.data.seeds import hashed_seed
 from fewshot_nsl.data.surrogate import ExemplarTransforms, SurrogateSampler, unlabelled
 from fewshot_nsl.engine.checkpoint import (
     BEST,
@@ -291,12 +292,11 @@ def _run(
     config: RunConfig, run_dir: Path, data: _Data, state: dict | None, progress: bool, world: World, device: torch.device
 ) -> TrainResult:
     progress = progress and world.is_main
+    dropblock = _dropblock_generator(config, world.rank)
     with seeded(config.seed):
-        learner = build_learner(config, data.train_set.image_shape)
+        learner = build_learner(config, data.train_set.image_shape, dropblock)
     if state is None and config.init is not None:
         _initialise_backbone(learner, Path(config.init))
-    if world.rank > 0:  # draws from the global generator (DropBlock masks) differ between ranks, as episodes do
-        torch.manual_seed(rank_seed(config.seed, world.rank))
     layout = memory_format(bool(config.channels_last))
     learner.to(device, memory_format=layout)
     optimizer, schedule = optimiser(learner, config)
@@ -304,6 +304,8 @@ def _run(
     generators = {"sampler": sampler.generator}
     if getattr(sampler, "augmentation_generator", None) is not None:
         generators["augmentation"] = sampler.augmentation_generator
+    if config.drop_rate > 0:
+        generators["dropblock"] = dropblock
     done = _Progress()
     if state is not None:
         learner.load_state_dict(state["model"])
@@ -431,6 +433,13 @@ def _best_so_far(run_dir: Path, recorded: float | None) -> float | None:
     its checkpoint, before the stop), and a worse model must not replace it."""
     saved = load_checkpoint(run_dir / BEST).get("val_acc") if (run_dir / BEST).exists() else None
     return max((acc for acc in (recorded, saved) if acc is not None), default=None)
+
+
+def _dropblock_generator(config: RunConfig, rank: int) -> torch.Generator:
+    """The generator DropBlock's masks are drawn from: seeded from the run's seed and the rank (each rank
+    of a torchrun job drops its own blocks, as it draws its own episodes), by its own hash, so its
+    stream is unrelated to any run's episodes or augmentation."""
+    return torch.Generator().manual_seed(hashed_seed("fewshot-nsl dropblock", config.seed, rank))
 
 
 def _truncate_metrics(path: Path, iteration: int) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from fewshot_nsl.data.dataset import ImageClassSet
+from fewshot_nsl.data.registry import DATASETS
 from fewshot_nsl.episodes.episode import EpisodeIndices
 from fewshot_nsl.episodes.sampler import EpisodeSampler
 from fewshot_nsl.errors import UserError
@@ -49,18 +50,32 @@ class ManifestSpec:
         )
 
 
-STANDARD_SPECS: tuple[ManifestSpec, ...] = tuple(
-    ManifestSpec("omniglot", protocol, "test", ways, shots, 15, 1000)
-    for protocol in ("vinyals", "lake")
-    for ways in (5, 20)
-    for shots in (1, 5)
-) + tuple(
-    # 600 episodes: the classic protocol; 10,000: FEAT and most recent papers, whose 95% CI (about
-    # ±0.2) can separate 1-point differences that 600 episodes (about ±0.8) cannot.
-    ManifestSpec("miniimagenet", "ravi", "test", 5, shots, 15, episodes)
-    for episodes in (600, 10000)
-    for shots in (1, 5)
-)
+STANDARD_SHOTS = (1, 5)
+OMNIGLOT_EXTRA_WAYS = 20  # Omniglot papers report 20-way tasks besides the registry's 5-way
+# FEAT and most recent papers evaluate on 10,000 Mini-ImageNet episodes besides the classic 600: a
+# 95% CI of about ±0.2 separates 1-point differences that 600 episodes (about ±0.8) cannot.
+MINIIMAGENET_EXTRA_EPISODES = 10000
+
+
+def _standard_specs() -> tuple[ManifestSpec, ...]:
+    """The standard test tasks (committed under ``episodes/``): each dataset's evaluation protocol as
+    ``data.registry`` defines it (ways, queries, episodes) at 1 and 5 shots, plus the tasks papers
+    report besides it. The order is part of what ``fewshot-nsl episodes`` lists and makes."""
+    omniglot, mini = DATASETS["omniglot"], DATASETS["miniimagenet"]
+    return tuple(
+        ManifestSpec("omniglot", protocol, "test", ways, shots, omniglot.eval_queries, omniglot.eval_episodes)
+        for protocol in omniglot.protocols
+        for ways in (omniglot.eval_ways, OMNIGLOT_EXTRA_WAYS)
+        for shots in STANDARD_SHOTS
+    ) + tuple(
+        ManifestSpec("miniimagenet", protocol, "test", mini.eval_ways, shots, mini.eval_queries, episodes)
+        for protocol in mini.protocols
+        for episodes in (mini.eval_episodes, MINIIMAGENET_EXTRA_EPISODES)
+        for shots in STANDARD_SHOTS
+    )
+
+
+STANDARD_SPECS = _standard_specs()
 
 
 @dataclass(frozen=True)

@@ -109,8 +109,15 @@ def recipe_hash(config: RunConfig) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def build_learner(config: RunConfig, image_shape: tuple[int, int, int]) -> FewShotLearner:
-    """Backbone + learner from a resolved config; the only place both meet."""
+def build_learner(
+    config: RunConfig, image_shape: tuple[int, int, int], dropblock: torch.Generator | None = None
+) -> FewShotLearner:
+    """Backbone + learner from a resolved config; the only place both meet.
+
+    ``dropblock``: the generator ResNet-12's DropBlock masks are drawn from in training (the trainer
+    passes its own, seeded per rank and saved in checkpoints). A learner built only to be evaluated,
+    where DropBlock draws nothing, gets one seeded from ``config.seed``.
+    """
     similarity = resolve_similarity(config.backbone, config.similarity, config.nsl_form, config.nsl_hidden)
     backbone = build_backbone(
         config.backbone,
@@ -119,6 +126,7 @@ def build_learner(config: RunConfig, image_shape: tuple[int, int, int]) -> FewSh
         width=64 if config.width is None else config.width,
         plain_stem=config.plain_stem,
         drop_rate=config.drop_rate,
+        generator=dropblock if dropblock is not None else torch.Generator().manual_seed(config.seed),
         conv4_downsample=config.conv4_downsample or "maxpool",
         weights=config.weights,
     )

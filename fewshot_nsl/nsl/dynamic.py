@@ -385,10 +385,11 @@ class DynamicNSLConv2d(NSLConvBase):
         """
         x = to_channels_last(x)
         weight = self.meta_conv.weight
-        kernels = self.path == "fused" and fused.meta_serves(x, weight)
-        if kernels and not torch.is_grad_enabled():
+        fused_path = self.path == "fused"
+        if fused_path and fused.meta_hidden_applies(x, weight):
             hidden = self._fused_hidden(x)
         else:
+            kernels = fused_path and fused.meta_serves(x, weight)
             stage = _NormalisedConv.apply if kernels else _normalised_conv_ops
             h = stage(x, weight, self.energy_kernel, self.energy_eps, self.stride, self.padding)
             hidden = F.relu(self.meta_bn(h), inplace=True)
