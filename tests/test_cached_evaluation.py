@@ -37,9 +37,19 @@ def test_cached_embeddings_give_the_per_episode_accuracies(similarity: Similarit
     name = "conv4" if similarity.kind == "conv" else "nsl-conv4"
     with seeded(0):
         learner = trained_batchnorm(ProtoNet(build_backbone(name, (1, 28, 28), similarity, width=16)), data)
+    calls = []
+    original_fit = learner.fit
+
+    def counted_fit(*args):
+        calls.append(1)
+        return original_fit(*args)
+
+    learner.fit = counted_fit  # instance attribute: nothing global is patched
     cpu = torch.device("cpu")
     cached_summary, cached = evaluate_learner(learner, data, manifest, cpu, progress=False)
+    assert len(calls) == 0  # the cached path ran: embeddings scored, no episode fitted
     per_episode_summary, per_episode = evaluate_learner(learner, data, manifest, cpu, progress=False, per_episode=True)
+    assert len(calls) == len(manifest) == 40
     assert cached == per_episode
     assert cached_summary == per_episode_summary
     assert 0.0 < cached_summary.mean < 1.0  # a real mix of right and wrong answers, not a degenerate case

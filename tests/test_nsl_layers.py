@@ -550,7 +550,8 @@ def test_vmapped_maml_step_second_order(form, path):
 @pytest.mark.parametrize("cls", [StaticNSLConv2d, DynamicNSLConv2d])
 def test_bad_arguments_raise(cls, kwargs):
     args = {"in_channels": 3, "out_channels": 4, **kwargs}
-    with pytest.raises(ValueError):
+    (name,) = kwargs
+    with pytest.raises(ValueError, match=f"^{name} must be"):  # the error names the bad argument
         cls(**args)
 
 

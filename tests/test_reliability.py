@@ -204,11 +204,10 @@ def test_a_checkpoint_of_another_model_is_refused_naming_the_difference(tmp_path
 
 
 @pytest.mark.real_data
-@pytest.mark.parametrize("form", ["diagonal", "full"])
-def test_training_with_static_nsl_layers_and_their_penalty_runs(tmp_path: Path, env: dict, form: str) -> None:
-    """The trainer backpropagates layer penalties separately; a penalty without gradient must not break it."""
-    config = RunConfig(method="protonet", backbone="nsl-conv4", similarity="static", nsl_form=form, width=8, ways=5,
-                       shots=1, queries=1, episodes=3, val_every=1000, run_dir=f"runs/{form}")  # fmt: skip
+def test_training_with_a_layer_penalty_without_gradient_runs(tmp_path: Path, env: dict) -> None:
+    """The trainer backpropagates layer penalties separately; diagonal static NSL's constant zero must not break it."""
+    config = RunConfig(method="protonet", backbone="nsl-conv4", similarity="static", nsl_form="diagonal", width=8, ways=5,
+                       shots=1, queries=1, episodes=3, val_every=1000, run_dir="runs/diagonal")  # fmt: skip
     assert train(config, progress=False).iterations == 3
 
 
@@ -260,3 +259,25 @@ def test_a_dropblock_run_resumes_to_the_uninterrupted_weights_bitwise(tmp_path: 
     resume(stopped, progress=False)
     expected, got = final_weights(tmp_path / "whole"), final_weights(stopped)
     assert all(torch.equal(got[key], expected[key]) for key in expected)
+
+
+@pytest.mark.real_data
+def test_the_full_static_nsl_penalty_pulls_every_entry_of_m_toward_the_identity(tmp_path: Path, env: dict) -> None:
+    config = RunConfig(method="protonet", backbone="nsl-conv4", similarity="static", nsl_form="full", width=8, ways=5,
+                       shots=1, queries=1, episodes=1, val_every=1000, val_episodes=5, run_dir="runs/start")  # fmt: skip
+    train(config, progress=False)
+    state = load_checkpoint(tmp_path / "runs/start/best.pt")
+    layers = [key.removesuffix(".M") for key in state["model"] if key.endswith(".M")]
+    assert len(layers) == 4
+    eye = torch.eye(9)
+    offset = 0.5 * (-1) ** (torch.arange(9)[:, None] + torch.arange(9))  # both signs, on and off the diagonal
+    for layer in layers:  # a start far from I (at I the penalty and its gradient are zero)
+        state["model"][f"{layer}.M"] = eye + offset
+        state["model"][f"{layer}.weight"].zero_()  # dL/dM = w^T dL/dW': zero kernels leave M no gradient from the data
+    torch.save(state, tmp_path / "runs/start/best.pt")
+    train(config.updated({"init": "runs/start", "run_dir": "runs/pulled"}), progress=False)
+    after = load_checkpoint(tmp_path / "runs/pulled/last.pt")["model"]
+    # the penalty's gradient 2 penalty (M - I) alone: Adam's first step moves every entry by lr toward I
+    for layer in layers:
+        pulled = eye + offset - config.resolve().lr * offset.sign()
+        torch.testing.assert_close(after[f"{layer}.M"], pulled, rtol=0, atol=1e-6, msg=lambda m: f"{layer}: {m}")
