@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 
@@ -14,6 +15,18 @@ class RunsCode:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
+
+
+class WritesMeanwhile:
+    """Pickling this first has ``write`` save another file to the same path: a second writer in the middle
+    of the first one's write, as when two processes save one file at once."""
+
+    def __init__(self, write):
+        self.write = write
+
+    def __reduce__(self):
+        self.write()
+        return (OrderedDict, ())  # an empty mapping, which weights-only loading accepts
 
 
 class DiskFull:

@@ -256,6 +256,9 @@ def test_best_and_last_checkpoints_are_evaluated_apart(trained: Path, workdir: P
 
 def test_damaged_run_files_and_a_missing_best_checkpoint_are_one_line_errors(trained: Path, capsys):
     (trained / "best.pt").unlink()
+    assert run(EVAL) == 2  # a finished run has nothing to resume
+    assert "is a finished run without best.pt; use its last.pt (--checkpoint last)" in capsys.readouterr().err
+    (trained / "train_summary.json").unlink()  # as if stopped before its end
     assert run(EVAL) == 2
     assert "has no best.pt yet; use its last.pt (--checkpoint last), or finish its training with `fewshot-nsl train --resume" in capsys.readouterr().err
     (trained / "train_summary.json").write_text('{"iterations": 1, "train_')

@@ -450,3 +450,6 @@ def test_evaluating_a_learned_head_on_other_ways_is_refused_before_any_episode()
     config = RunConfig(method="maml", ways=20, shots=1).resolve()
     with pytest.raises(UserError, match="learned head scores 20-way episodes only, not 5-way: drop --ways, or score 5 ways with --head"):
         select_manifest(EvalRequest(Path("-"), ways=5), config, None)  # refused before the test split is looked at
+    per_step_bn = config.updated({"per_step_bn": True})  # MAML++'s BatchNorm: no other head can score it
+    with pytest.raises(UserError, match="only, not 5-way: drop --ways$"):
+        select_manifest(EvalRequest(Path("-"), ways=5), per_step_bn, None)

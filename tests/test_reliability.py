@@ -22,7 +22,7 @@ from fewshot_nsl.engine.checkpoint import load_checkpoint
 from fewshot_nsl.engine.trainer import _best_so_far, resume, train
 from fewshot_nsl.errors import UserError
 from fewshot_nsl.results import leaderboard
-from tests.hostile_pickles import DiskFull, RunsCode
+from tests.hostile_pickles import DiskFull, RunsCode, WritesMeanwhile
 
 REPO = Path(__file__).resolve().parents[1]
 # A small ProtoNet run: narrow Conv-4, 5-way 1-shot 1-query, a checkpoint every 5 iterations.
@@ -188,6 +188,18 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path: Path) -> Non
         save_atomically({"model": {"w": torch.zeros(2)}, "extra": DiskFull()}, path)
     assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
+
+
+def test_two_writers_of_one_file_each_replace_it_whole(tmp_path: Path) -> None:
+    """Each write goes through its own temporary file: a second writer in the middle of the first neither
+    breaks it nor leaves a mixture; the file ends as the writer that finished last wrote it."""
+    from fewshot_nsl.engine.checkpoint import save_atomically
+
+    path = tmp_path / "last.pt"
+    inner = {"model": {"w": torch.zeros(2)}}
+    save_atomically({"model": {"w": torch.ones(2)}, "extra": WritesMeanwhile(lambda: save_atomically(inner, path))}, path)
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
 @pytest.mark.real_data

@@ -16,6 +16,7 @@ import os
 import pickle
 import random
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -54,17 +55,20 @@ def write_text_atomically(path: Path, text: str) -> None:
 
 
 def _write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Write to a temporary file of its own beside ``path`` (concurrent writers of one file never share it),
+    fsync, then rename over ``path``."""
+    descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(name)
     try:
-        with open(tmp, "wb") as handle:
+        with os.fdopen(descriptor, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        os.replace(tmp, path)
     except OSError as error:
         tmp.unlink(missing_ok=True)
         kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
         raise UserError(f"could not write {path} ({error.strerror or error}); {kept}: free space and try again") from None
-    os.replace(tmp, path)
     folder = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(folder)
@@ -104,7 +108,7 @@ def restore_random_state(state: dict[str, Any], generators: dict[str, torch.Gene
     np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
     random.setstate(_tuples(state["python"]))
     for name, generator in generators.items():
-        if name in state:
+        if name != "dropblock" or name in state:
             generator.set_state(state[name])
 
 
@@ -197,7 +201,10 @@ def load_run(run_dir: Path, which: str = "best") -> RunRecord:
     config = read_config(run_dir)
     if not checkpoint.exists():
         other = LAST if which == "best" else BEST
-        advice = f"use its {other} (--checkpoint {other.removesuffix('.pt')}), or " if (run_dir / other).exists() else ""
+        use_other = f"use its {other} (--checkpoint {other.removesuffix('.pt')})" if (run_dir / other).exists() else ""
+        if (run_dir / SUMMARY_FILE).exists():  # finished: nothing to resume
+            raise UserError(f"{run_dir} is a finished run without {checkpoint.name}; {use_other or 'train it again'}")
+        advice = f"{use_other}, or " if use_other else ""
         raise UserError(f"{run_dir} has no {checkpoint.name} yet; {advice}finish its training with `fewshot-nsl train --resume {run_dir}`")
     state = load_checkpoint(checkpoint)
     trained_as = {**LEGACY_VALUES, **state.get("config", {})}

@@ -152,11 +152,11 @@ def select_manifest(request: EvalRequest, config: RunConfig, test_set: ImageClas
     own_ways = fixed_ways(config) if request.head is None else None  # another head scores any number of ways
     if request.manifest is not None:
         manifest = Manifest.load(request.manifest)
-        _check_own_ways(own_ways, manifest.spec.ways, "use a manifest of its ways")
+        _check_own_ways(own_ways, manifest.spec.ways, "use a manifest of its ways", config.per_step_bn)
         return manifest
     spec = dataset_spec(config.dataset)
     ways = _given(request.ways, _given(own_ways, spec.eval_ways))
-    _check_own_ways(own_ways, ways, "drop --ways")
+    _check_own_ways(own_ways, ways, "drop --ways", config.per_step_bn)
     wanted = ManifestSpec(
         Path(config.dataset).name, config.protocol, "test", ways,
         _given(request.shots, config.shots), _given(request.queries, spec.eval_queries),
@@ -167,13 +167,12 @@ def select_manifest(request: EvalRequest, config: RunConfig, test_set: ImageClas
     return stored if stored is not None else draw(wanted, test_set)
 
 
-def _check_own_ways(own_ways: int | None, ways: int, fix: str) -> None:
-    """A learned MAML head scores exactly the ways it was trained for: other ways are refused before any episode."""
+def _check_own_ways(own_ways: int | None, ways: int, fix: str, per_step_bn: bool) -> None:
+    """A learned MAML head scores exactly the ways it was trained for: other ways are refused before any episode.
+    Another head can score any ways, except over MAML++'s per-step BatchNorm (``with_head`` refuses it)."""
     if own_ways is not None and ways != own_ways:
-        raise UserError(
-            f"this MAML run's learned head scores {own_ways}-way episodes only, not {ways}-way: {fix}, or score "
-            f"{ways} ways with --head prototype or --head logreg on its backbone"
-        )
+        other_head = "" if per_step_bn else f", or score {ways} ways with --head prototype or --head logreg on its backbone"
+        raise UserError(f"this MAML run's learned head scores {own_ways}-way episodes only, not {ways}-way: {fix}{other_head}")
 
 
 def for_inference(learner: FewShotLearner) -> FewShotLearner:
