@@ -11,7 +11,7 @@ cd "$(dirname "$0")"
 
 PYTHON=${PYTHON:-python3}
 VENV=.venv
-# glibc keeps freed buffers instead of returning them to the OS: 1.4-1.7x faster CPU episodes
+# glibc keeps freed buffers instead of returning them to the OS: 1.8-2.0x faster CPU episodes (benchmarks/results/throughput.md)
 # (2.2-2.5x with channels_last, the default; benchmarks/results/throughput.md).
 export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=8589934592}
 if [ -z "${FEWSHOT_NSL_DATA:-}" ] && [ -d ../shared/data ]; then

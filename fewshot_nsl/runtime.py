@@ -5,8 +5,8 @@ and offered here with the other run-time helpers.
 
 On CPU, glibc's malloc returns large buffers to the OS after every episode
 and pays page faults to get them back; telling it to keep them (two glibc
-tunables, read only at process start) makes a Conv-4 episode 1.37-1.68x
-faster on these machines, and 2.15-2.52x together with channels_last
+tunables, read only at process start) made a Conv-4 episode 1.82-1.98x
+faster on this project's 2-core machine, and 2.60-3.76x together with channels_last
 tensors (``benchmarks/results/throughput.md``, written by
 ``benchmarks/throughput.py``). The CLI therefore re-executes itself once
 with ``GLIBC_TUNABLES`` set, unless ``FEWSHOT_NSL_NO_REEXEC`` is set or the
