@@ -75,6 +75,11 @@ def peak_rss_growth(work: Callable[[], object]) -> int:
     return proc_status_bytes("VmHWM") - before
 
 
+def last_command(command: str) -> str:
+    """The opening of a results file's description: the command that wrote it, and on what."""
+    return f"Last command: `{command}`, on {os.cpu_count()} CPU cores (torch {torch.__version__})."
+
+
 def provenance(allow_dirty: bool, repo: Path = REPO) -> dict[str, object]:
     """The commit results come from; a tree with uncommitted changes is refused unless allowed (and then marked)."""
     def git(*args: str) -> str:

@@ -41,7 +41,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.accuracy import SUITES, Run, difference_bound  # noqa: E402
-from benchmarks.common import RESULTS, add_allow_dirty, data_root, machine, provenance, write_results  # noqa: E402
+from benchmarks.common import RESULTS, add_allow_dirty, data_root, last_command, machine, provenance, write_results  # noqa: E402
 from fewshot_nsl.engine.evaluator import EvalRequest, evaluate_run  # noqa: E402
 from fewshot_nsl.engine.trainer import train  # noqa: E402
 
@@ -119,7 +119,7 @@ def markdown(trainings: list[dict], pairs: list[dict], command: str, episodes: i
     tasks = sorted({task for t in trainings for task in t["tasks"]})
     lines = [
         f"# Rerun spread of `{SUITE}` trainings: same commit, only the summation order changes", "",
-        f"Last command: `{command}`, on {os.cpu_count()} CPU cores (torch {torch.__version__}). Each training: "
+        f"{last_command(command)} Each training: "
         f"the `{SUITE}` suite's recipe and seed, {episodes} iterations, evaluated on its fixed test manifests "
         "(± 95% CI over the test episodes). `PyTorch path` trains with `nsl_kernels: false`, the implementation "
         "the kernels replaced; the thread count changes how both implementations split their sums.", "",

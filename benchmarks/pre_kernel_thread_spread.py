@@ -33,12 +33,11 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.accuracy import difference_bound  # noqa: E402
-from benchmarks.common import REPO, add_allow_dirty, data_root, machine, provenance, write_results  # noqa: E402
+from benchmarks.common import REPO, add_allow_dirty, data_root, last_command, machine, provenance, write_results  # noqa: E402
 
 NAME = "pre_kernel_thread_spread"
 SUITE = "nsl-omniglot"
@@ -123,7 +122,7 @@ def markdown(trainings: list[dict], rows: list[dict], command: str, episodes: in
     tasks = sorted({task for t in trainings for task in t["tasks"]})
     lines = [
         f"# The code before the kernels against itself: `{SUITE}` h=16 retrained on its own commits", "",
-        f"Last command: `{command}`, on {os.cpu_count()} CPU cores (torch {torch.__version__}). Each run is retrained "
+        f"{last_command(command)} Each run is retrained "
         f"with the `benchmarks/accuracy.py` of the commit that recorded it ({episodes} iterations, the suite's recipe, "
         "seed and fixed test manifests; ± 95% CI over the test episodes); `recorded` is that commit's own "
         "committed leaderboard row.", "",

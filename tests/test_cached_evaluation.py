@@ -37,14 +37,7 @@ def test_cached_embeddings_give_the_per_episode_accuracies(similarity: Similarit
     name = "conv4" if similarity.kind == "conv" else "nsl-conv4"
     with seeded(0):
         learner = trained_batchnorm(ProtoNet(build_backbone(name, (1, 28, 28), similarity, width=16)), data)
-    calls = []
-    original_fit = learner.fit
-
-    def counted_fit(*args):
-        calls.append(1)
-        return original_fit(*args)
-
-    learner.fit = counted_fit  # instance attribute: nothing global is patched
+    calls = count_fits(learner)
     cpu = torch.device("cpu")
     cached_summary, cached = evaluate_learner(learner, data, manifest, cpu, progress=False)
     assert len(calls) == 0  # the cached path ran: embeddings scored, no episode fitted
@@ -55,18 +48,24 @@ def test_cached_embeddings_give_the_per_episode_accuracies(similarity: Similarit
     assert 0.0 < cached_summary.mean < 1.0  # a real mix of right and wrong answers, not a degenerate case
 
 
-def test_adapting_learners_stay_per_episode() -> None:
-    data = image_set()
-    manifest = draw(ManifestSpec("random", "none", "test", 5, 1, 2, 3), data)
-    with seeded(0):
-        learner = MAML(build_backbone("conv4", (1, 28, 28), width=8), ways=5)
-    calls = []
+def count_fits(learner) -> list[int]:
+    """A list that grows by one at every ``learner.fit`` call (an instance attribute: nothing global is patched)."""
+    calls: list[int] = []
     original_fit = learner.fit
 
     def counted_fit(*args):
         calls.append(1)
         return original_fit(*args)
 
-    learner.fit = counted_fit  # instance attribute: nothing global is patched
+    learner.fit = counted_fit
+    return calls
+
+
+def test_adapting_learners_stay_per_episode() -> None:
+    data = image_set()
+    manifest = draw(ManifestSpec("random", "none", "test", 5, 1, 2, 3), data)
+    with seeded(0):
+        learner = MAML(build_backbone("conv4", (1, 28, 28), width=8), ways=5)
+    calls = count_fits(learner)
     evaluate_learner(learner, data, manifest, torch.device("cpu"), progress=False)
     assert len(calls) == 3

@@ -12,7 +12,7 @@ from fewshot_nsl.cli.main import run
 from fewshot_nsl.data.roots import DATA_ENV
 from fewshot_nsl.results import leaderboard
 from fewshot_nsl.results.provenance import source_state
-from fewshot_nsl.results.stats import confidence_interval
+from tests.paired_runs import paired_gain
 
 pytestmark = pytest.mark.real_data
 
@@ -95,12 +95,8 @@ def test_short_maml_run_on_omniglot_learns_beyond_its_untrained_start(workdir: P
     assert run(["train", *common, "--episodes", "1", "--lr", "1e-12", "--run-dir", "runs/m0"]) == 0
     for run_dir in ("runs/m1", "runs/m0"):
         assert run(["eval", "--run-dir", run_dir, "--ways", "5", "--shots", "1", "--episodes", "80", "--no-progress"]) == 0
-    board = pd.read_csv(workdir / "leaderboard.csv")
-    trained, untrained = board.iloc[0], board.iloc[1]
+    trained, untrained, gain = paired_gain(workdir, "runs/m1", "runs/m0")
     assert trained["method"] == "maml" and trained["episodes"] == 80
-    assert trained["manifest_hash"] == untrained["manifest_hash"]
-    accuracies = [pd.read_csv(workdir / d / "eval" / f"{trained['manifest']}.csv")["acc"] for d in ("runs/m1", "runs/m0")]
-    gain = confidence_interval((accuracies[0] - accuracies[1]).tolist())
     # Untrained, the 3 test-time inner steps alone reach about 0.5 (chance 0.2); 60 meta-iterations of 8 tasks at
     # 1e-2 add about 0.1 on the same episodes: the 95% CI of the paired gain must exclude zero.
     assert gain.mean - gain.ci95 > 0, f"MAML {trained['acc']:.3f} vs untrained {untrained['acc']:.3f}: gain {gain}"

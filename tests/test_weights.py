@@ -18,7 +18,7 @@ from fewshot_nsl.data.roots import DATA_ENV
 from fewshot_nsl.errors import UserError
 from fewshot_nsl.learners import build_learner, recipe_columns
 from fewshot_nsl.results import leaderboard
-from fewshot_nsl.results.stats import confidence_interval
+from tests.paired_runs import paired_gain
 from tests.maml_helpers import make_episode
 
 
@@ -147,12 +147,8 @@ def test_binary_conv4_learns_omniglot_beyond_its_untrained_start_through_the_cli
     assert run(["train", *common, "--episodes", "1", "--lr", "1e-12", "--run-dir", "runs/b0"]) == 0
     for run_dir in ("runs/b", "runs/b0"):
         assert run(["eval", "--run-dir", run_dir, "--ways", "5", "--shots", "1", "--episodes", "200", "--no-progress"]) == 0
-    board = leaderboard.read(tmp_path / "leaderboard.csv")
-    trained, untrained = board.iloc[0], board.iloc[1]
+    trained, untrained, gain = paired_gain(tmp_path, "runs/b", "runs/b0")
     assert trained["weights"] == "binary" and "weights:binary" in trained["recipe"]
-    assert trained["manifest_hash"] == untrained["manifest_hash"]
-    accuracies = [pd.read_csv(tmp_path / d / "eval" / f"{trained['manifest']}.csv")["acc"] for d in ("runs/b", "runs/b0")]
-    gain = confidence_interval((accuracies[0] - accuracies[1]).tolist())
     # 5-way 1-shot: the untrained {0,1} kernels already score about 47% (chance 20%); 150 iterations of learned
     # connectivity add about 6 points on the same episodes (real weights reach > 85% in 120,
     # tests/test_cli_end_to_end.py: connectivity alone learns, more slowly). The 95% CI of the paired gain excludes 0.
